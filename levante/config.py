@@ -220,7 +220,9 @@ def from_gguf_fields(fields: dict[str, Any], tensor_names: set[str], where: str)
         num_kv_heads=int(fields.get("llama.attention.head_count_kv") or heads),
         head_dim=int(fields.get("llama.attention.key_length") or hidden // heads),
         intermediate_size=int(get("feed_forward_length")),
-        vocab_size=int(fields.get("llama.vocab_size") or len(_require(fields, "tokenizer.ggml.tokens", where))),
+        vocab_size=int(
+            fields.get("llama.vocab_size") or len(_require(fields, "tokenizer.ggml.tokens", where))
+        ),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         rope_theta=float(fields.get("llama.rope.freq_base", 10000.0)),
         max_position_embeddings=int(get("context_length")),

@@ -33,6 +33,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         rows = torch.arange(tk - tq, tk, device=q.device)[:, None]
         mask, causal = torch.arange(tk, device=q.device)[None, :] <= rows, False
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal, enable_gqa=True
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=causal,
+        enable_gqa=True,
     )
     return out.transpose(0, 1)

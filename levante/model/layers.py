@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
 
-def activation(name: str):  # noqa: ANN201 - returns a torch function
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}")
     return ACTIVATIONS[name]

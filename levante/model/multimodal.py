@@ -48,7 +48,9 @@ class Model(nn.Module):
             slots = input_ids == self.config.image_token_id
             n = int(slots.sum())
             if n != image_embeds.shape[0]:
-                raise ValueError(f"{n} image tokens in the batch but {image_embeds.shape[0]} image embeddings")
+                raise ValueError(
+                    f"{n} image tokens in the batch but {image_embeds.shape[0]} image embeddings"
+                )
             embeds = embeds.masked_scatter(slots[:, None], image_embeds.to(embeds.dtype))
         return self.decoder(embeds, positions, attn)
 

@@ -28,7 +28,9 @@ class VisionAttention(nn.Module):
         out = torch.cat(
             [
                 F.scaled_dot_product_attention(qi, ki, vi)
-                for qi, ki, vi in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
+                for qi, ki, vi in zip(
+                    q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True
+                )
             ],
             dim=1,
         )
@@ -69,7 +71,9 @@ class VisionEncoder(nn.Module):
         for h, w in grids:
             rows = torch.arange(h, dtype=torch.float32).repeat_interleave(w)
             cols = torch.arange(w, dtype=torch.float32).repeat(h)
-            out.append(torch.cat((rows[:, None] * freqs[None, ::2], cols[:, None] * freqs[None, 1::2]), dim=-1))
+            out.append(
+                torch.cat((rows[:, None] * freqs[None, ::2], cols[:, None] * freqs[None, 1::2]), dim=-1)
+            )
         return torch.cat(out)
 
     def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
