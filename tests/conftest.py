@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself (so our loader is
+checked against files we did not write), and the demo GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from levante.loader import demo_model_path
+
+
+def healthy_init(model: torch.nn.Module, seed: int) -> None:
+    """Random weights with unit-scale activations, so logits are far apart and a parity test
+    cannot pass by everything being near zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            else:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+TEXT = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,  # != hidden_size / heads, as in Mistral Small
+    intermediate_size=128,
+    rope_theta=1e9,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def hf_text(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    ref = MistralForCausalLM(MistralConfig(**TEXT)).eval()
+    healthy_init(ref, 0)
+    path = tmp_path_factory.mktemp("hf_text")
+    ref.save_pretrained(path)
+    return path, ref
+
+
+@pytest.fixture(scope="session")
+def hf_mm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
+
+    vision = PixtralVisionConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        intermediate_size=128,
+        patch_size=14,
+        image_size=1540,
+        hidden_act="silu",
+        rope_theta=1e4,
+    )
+    cfg = Mistral3Config(
+        text_config=MistralConfig(**TEXT),
+        vision_config=vision,
+        image_token_index=10,
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=False,
+        tie_word_embeddings=False,  # transformers 5 defaults to True for Mistral3; the real model is untied
+    )
+    ref = Mistral3ForConditionalGeneration(cfg).eval()
+    healthy_init(ref, 1)
+    path = tmp_path_factory.mktemp("hf_mm")
+    ref.save_pretrained(path)
+    return path, ref
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    return demo_model_path()
