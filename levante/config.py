@@ -67,23 +67,26 @@ def _require(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or a CheckpointError naming the file."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
 
 
-def _rope_theta(d: dict[str, Any], where: str) -> float:
-    """Plain RoPE only: newer transformers nest θ in `rope_parameters`; any scaling is refused
-    rather than silently ignored."""
+def _rope_theta(d: dict[str, Any], where: str, plain: str = "default") -> float:
+    """Plain RoPE only: newer transformers nest θ in `rope_parameters` (text: type "default",
+    Pixtral: "axial"); any scaling is refused rather than silently ignored."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or params
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ("default", None):
+    kind = scaling.get("rope_type", scaling.get("type", plain))
+    if kind not in (plain, None):
         raise CheckpointError(f"{where}: rope scaling '{kind}' is not supported")
     return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
 
@@ -96,7 +99,8 @@ def _hf_text(d: dict[str, Any], where: str, tie_default: bool) -> TextConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if d.get(flag):
             raise CheckpointError(f"{where}: '{flag}: true' is not supported")
-    if d.get("sliding_window") not in (None, 0) and d["sliding_window"] < d.get("max_position_embeddings", 0):
+    max_positions = int(d.get("max_position_embeddings", 131072))
+    if d.get("sliding_window") not in (None, 0) and d["sliding_window"] < max_positions:
         raise CheckpointError(f"{where}: sliding-window attention is not supported")
     hidden = int(_require(d, "hidden_size", where))
     heads = int(_require(d, "num_attention_heads", where))
@@ -110,13 +114,13 @@ def _hf_text(d: dict[str, Any], where: str, tie_default: bool) -> TextConfig:
         vocab_size=int(_require(d, "vocab_size", where)),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(d, where),
-        max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
     )
 
 
 def from_hf(path: Path) -> ModelConfig:
-    d = _read_json(path)
+    d = read_json(path)
     archs = d.get("architectures") or []
     arch = archs[0] if archs else ""
     if arch in _TEXT_ARCHS:
@@ -138,9 +142,10 @@ def from_hf(path: Path) -> ModelConfig:
         intermediate_size=int(_require(vis_d, "intermediate_size", where)),
         patch_size=int(_require(vis_d, "patch_size", where)),
         image_size=int(_require(vis_d, "image_size", where)),
-        rope_theta=float(vis_d.get("rope_theta", 10000.0)),
+        rope_theta=_rope_theta(vis_d, where, plain="axial"),
         num_channels=int(vis_d.get("num_channels", 3)),
-        hidden_act=str(vis_d.get("hidden_act", "silu")),
+        # transformers' PixtralVisionConfig default when the key is absent
+        hidden_act=str(vis_d.get("hidden_act", "gelu")),
     )
     return ModelConfig(
         text=_hf_text(text_d, f"{path} text_config", bool(d.get("tie_word_embeddings", False))),
@@ -156,7 +161,7 @@ def from_hf(path: Path) -> ModelConfig:
 
 def from_params(path: Path) -> ModelConfig:
     """Mistral-native `params.json`, the format `consolidated.safetensors` ships with."""
-    d = _read_json(path)
+    d = read_json(path)
     where = str(path)
     text = TextConfig(
         hidden_size=int(_require(d, "dim", where)),
@@ -218,7 +223,11 @@ def from_gguf_fields(fields: dict[str, Any], tensor_names: set[str], where: str)
         num_layers=int(get("block_count")),
         num_heads=heads,
         num_kv_heads=int(fields.get("llama.attention.head_count_kv") or heads),
-        head_dim=int(fields.get("llama.attention.key_length") or hidden // heads),
+        head_dim=int(
+            fields.get("llama.attention.key_length")
+            or fields.get("llama.rope.dimension_count")
+            or hidden // heads
+        ),
         intermediate_size=int(get("feed_forward_length")),
         vocab_size=int(
             fields.get("llama.vocab_size") or len(_require(fields, "tokenizer.ggml.tokens", where))
