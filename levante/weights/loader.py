@@ -1,0 +1,68 @@
+"""Filling a model built on the meta device with a checkpoint's tensors, one at a time: each
+parameter is replaced by its loaded tensor, so peak memory stays near the model's own size."""
+
+from __future__ import annotations
+
+import os
+from itertools import chain
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from levante.errors import CheckpointError
+from levante.weights.checkpoint import Checkpoint, open_checkpoint
+from levante.weights.names import EMBED, LM_HEAD
+
+
+def _replace(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    module, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module), attr, value)
+
+
+def load_weights(
+    model: nn.Module,
+    checkpoint: Checkpoint | str | os.PathLike[str],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    progress: bool = True,
+) -> None:
+    """Every model parameter gets exactly one checkpoint tensor of its shape, converted to
+    `dtype` on `device`; unknown, duplicate, misshapen and missing tensors are errors."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint)
+    tied = checkpoint.config.text.tie_word_embeddings
+    expected = {
+        n: p for n, p in model.named_parameters(remove_duplicate=False) if not (tied and n == LM_HEAD)
+    }
+    loaded: set[str] = set()
+    entries = tqdm(
+        checkpoint.entries(),
+        total=len(checkpoint),
+        desc=f"Loading {checkpoint.path.name}",
+        unit="tensor",
+        disable=not progress,
+    )
+    for entry in entries:
+        where = f"{entry.file}: tensor {entry.source!r}"
+        param = expected.get(entry.name)
+        if param is None:
+            raise CheckpointError(
+                f"{where} ({entry.name}) has no place in the {checkpoint.config.architecture} model"
+            )
+        if entry.name in loaded:
+            raise CheckpointError(f"{where} loads {entry.name} a second time")
+        if entry.tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{where} has shape {tuple(entry.tensor.shape)}, the model expects {tuple(param.shape)}"
+            )
+        _replace(
+            model, entry.name, nn.Parameter(entry.tensor.to(device=device, dtype=dtype), requires_grad=False)
+        )
+        loaded.add(entry.name)
+    if tied and LM_HEAD in dict(model.named_parameters(remove_duplicate=False)):
+        _replace(model, LM_HEAD, model.get_parameter(EMBED))
+    missing = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{checkpoint.path}: no tensor for {shown}")
