@@ -34,6 +34,8 @@ class TensorSource(Protocol):
 
 @dataclass(frozen=True)
 class TensorEntry:
+    """One tensor ready for the model, with where it came from for error messages."""
+
     name: str  # the model parameter it feeds
     source: str  # its name in the file
     file: Path
@@ -42,6 +44,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """One opened checkpoint: its config is read, its tensors are read only when iterated."""
+
     path: Path
     config: ModelConfig
     source: TensorSource

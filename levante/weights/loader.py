@@ -31,10 +31,7 @@ def load_weights(
     `dtype` on `device`; unknown, duplicate, misshapen and missing tensors are errors."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
-    tied = checkpoint.config.text.tie_word_embeddings
-    expected = {
-        n: p for n, p in model.named_parameters(remove_duplicate=False) if not (tied and n == LM_HEAD)
-    }
+    expected = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     entries = tqdm(
         checkpoint.entries(),
@@ -60,7 +57,7 @@ def load_weights(
             model, entry.name, nn.Parameter(entry.tensor.to(device=device, dtype=dtype), requires_grad=False)
         )
         loaded.add(entry.name)
-    if tied and LM_HEAD in dict(model.named_parameters(remove_duplicate=False)):
+    if checkpoint.config.text.tie_word_embeddings and LM_HEAD in expected:
         _replace(model, LM_HEAD, model.get_parameter(EMBED))
     missing = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if missing:
