@@ -14,6 +14,7 @@ from PIL import Image
 from levante.loader import load_model
 from levante.model import Model
 from levante.reference import DenseKVCache, generate_tokens, image_embeddings
+from levante.testing.checkpoints import TinySpec, random_weights, write_hf, write_mistral
 
 IMG, IMG_BREAK, IMG_END = 10, 12, 13
 
@@ -140,3 +141,14 @@ def test_demo_gguf_greedy_matches_transformers(demo_gguf: Path) -> None:
         ]
         assert len(ours) >= 8, "the demo model should answer with more than a few tokens"
         assert ours == expected.tolist(), question
+
+
+def test_hf_and_mistral_native_layouts_give_the_same_logits(tmp_path: Path) -> None:
+    spec = TinySpec(dtype=torch.float32)
+    weights = random_weights(spec, seed=11)
+    hf = load_model(write_hf(tmp_path / "hf", weights, spec), progress=False)
+    native = load_model(write_mistral(tmp_path / "native", weights, spec), progress=False)
+    tokens, images = image_prompt([(100, 60), (28, 56)])
+    ours_hf, ours_native = forward_batch(hf, [tokens], images), forward_batch(native, [tokens], images)
+    assert ours_hf.abs().max() > 1.0
+    torch.testing.assert_close(ours_native, ours_hf, atol=1e-6, rtol=0)

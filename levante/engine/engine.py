@@ -1,0 +1,342 @@
+"""The engine: requests in, token and text deltas out, one scheduler step at a time.
+
+`Engine.step()` is the whole loop: schedule → run the model once over the flat batch → sample
+→ detokenize, check stops → free finished sequences."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from levante.engine.guard import repeating_tail
+from levante.engine.kv_cache import BlockManager, KVStore
+from levante.engine.runner import Runner
+from levante.engine.sampler import Sample, SampleRow, check_vocab, sample
+from levante.engine.sampling_params import RepetitionDetection, SamplingParams
+from levante.engine.scheduler import Scheduler
+from levante.engine.sequence import ImageSpan, Sequence
+from levante.engine.stops import StopStrings
+from levante.model import Model
+from levante.reference import DenseKVCache
+from levante.tokenizer import IncrementalDetokenizer, PromptInputs, Tokenizer
+
+log = logging.getLogger("levante.engine")
+
+GiB = 1 << 30
+
+
+class RequestError(ValueError):
+    """A request the engine can never serve (too long, cannot fit the cache, bad parameter)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory: float | None = None  # GiB; None: memory_fraction of the device after warm-up
+    memory_fraction: float = 0.9  # on CUDA; on CPU a quarter of the memory available after loading
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # default: the model's context length
+    prefix_caching: bool = True
+    loop_guard: RepetitionDetection | None = None  # applied to requests that do not set their own
+
+
+@dataclass
+class Output:
+    """What one sequence produced in one step."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[Sample] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | repetition | abort
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Track:
+    """Per-sequence output state the model side does not need."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    pending: list[int] = field(default_factory=list)
+    pending_logprobs: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    loop_stops: int = 0
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        text = model.config.text
+        self.max_model_len = min(
+            config.max_model_len or text.max_position_embeddings, text.max_position_embeddings
+        )
+        device = model.decoder.embed_tokens.weight.device
+        dtype = model.decoder.embed_tokens.weight.dtype
+        per_token = KVStore.bytes_per_token(text.num_layers, text.num_kv_heads, text.head_dim, dtype)
+        num_blocks = self._num_blocks(per_token, device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        store = KVStore(
+            text.num_layers, num_blocks, config.block_size, text.num_kv_heads, text.head_dim, dtype, device
+        )
+        self.runner = Runner(model, store, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.capacity = num_blocks * config.block_size
+        log.info(
+            "KV cache: %d blocks of %d = %d tokens (%.2f GiB); %.1f sequences of %d tokens fit",
+            num_blocks,
+            config.block_size,
+            self.capacity,
+            self.capacity * per_token / GiB,
+            self.capacity / self.max_model_len,
+            self.max_model_len,
+        )
+        self.stats = EngineStats()
+        self._seqs: dict[str, list[Sequence]] = {}
+        self._tracks: dict[int, _Track] = {}
+        self._next_id = 0
+        self.step_log: list[list[tuple[str, int]]] = []  # per step: (request id, tokens fed), for tests
+        self.keep_step_log = False
+
+    def _num_blocks(self, per_token: int, device: torch.device) -> int:
+        """KV budget: the configured GiB, else a fraction of what the device has left once the
+        model is loaded and a warm-up forward of a full token budget has shown its peak."""
+        cfg = self.config
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory * GiB
+        elif device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._warm_up(device)
+            total = torch.cuda.mem_get_info(device)[1]
+            budget = cfg.memory_fraction * total - torch.cuda.max_memory_allocated(device)
+        else:
+            budget = 0.25 * _available_cpu_memory()
+        wanted = cfg.max_num_seqs * self.max_model_len * per_token  # no use allocating beyond this
+        blocks = int(min(budget, wanted) // (per_token * cfg.block_size))
+        if blocks < 1:
+            raise RequestError(
+                "no memory left for the KV cache: lower the model size or raise --kv-cache-memory"
+            )
+        return blocks
+
+    def _warm_up(self, device: torch.device) -> None:
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(n, dtype=torch.long, device=device)
+        cache = DenseKVCache(len(self.model.decoder.layers))
+        cache.plan([0], [n])
+        with torch.inference_mode():
+            self.model.logits(self.model(ids, torch.arange(n, device=device), cache))
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptInputs, params: SamplingParams) -> None:
+        """Queues a request (n sequences). Raises RequestError for a request that can never run."""
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        tokens = list(prompt.tokens)
+        if not tokens:
+            raise RequestError("the prompt is empty")
+        if len(tokens) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(tokens)} tokens but the context is {self.max_model_len}; "
+                "shorten it or start the server with a larger --max-model-len"
+            )
+        if len(tokens) + 1 > self.capacity:
+            raise RequestError(
+                f"the prompt ({len(tokens)} tokens) can never fit the KV cache ({self.capacity})"
+            )
+        try:
+            check_vocab(params, self.model.config.text.vocab_size)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if params.repetition_detection == RepetitionDetection() and self.config.loop_guard is not None:
+            params = replace(params, repetition_detection=self.config.loop_guard)
+        images = self._image_spans(tokens, prompt.images)
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(self._next_id, request_id, i, tokens, params, now, images=images)
+            self._next_id += 1
+            if not params.greedy:
+                seed = params.seed + i if params.seed is not None else random.getrandbits(62)
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+            self._tracks[seq.seq_id] = _Track(
+                detok=self.tokenizer.detokenizer(skip_special=params.skip_special_tokens),
+                stops=StopStrings(params.stop, params.include_stop_str_in_output),
+            )
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self._seqs[request_id] = seqs
+
+    def _image_spans(self, tokens: list[int], images: list) -> list[ImageSpan]:
+        if not images:
+            return []
+        if self.model.vision is None:
+            raise RequestError("this model does not accept images")
+        image_id, m = self.model.config.image_token_id, self.model.config.spatial_merge_size
+        patch = self.model.config.vision.patch_size if self.model.config.vision else 1
+        where = [i for i, t in enumerate(tokens) if t == image_id]
+        spans, start = [], 0
+        for img in images:
+            pixels = img if isinstance(img, torch.Tensor) else torch.from_numpy(img)
+            count = (pixels.shape[1] // (patch * m)) * (pixels.shape[2] // (patch * m))
+            if start + count > len(where):
+                raise RequestError("the prompt has fewer image tokens than its images need")
+            spans.append(
+                ImageSpan(where[start], where[start + count - 1], pixels, ImageSpan.content_hash(pixels))
+            )
+            start += count
+        if start != len(where):
+            raise RequestError("the prompt has more image tokens than its images need")
+        return spans
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees all its blocks at once; False if it is unknown or done."""
+        seqs = self._seqs.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+                self._count_finish(seq)
+            self._tracks.pop(seq.seq_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[Output]:
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        outputs = [self._finish(seq, "length", None) for seq in batch.out_of_memory]
+        if not batch.items:
+            return outputs
+        if self.keep_step_log:
+            self.step_log.append([(seq.request_id, n) for seq, n in batch.items])
+        logits = self.runner.run(batch.items)
+        sampling: list[tuple[Sequence, int]] = []
+        for row, (seq, n) in enumerate(batch.items):
+            seq.num_computed += n
+            if seq.images and seq.num_computed > seq.images[-1].last:
+                seq.image_embeds = None  # the prefill has consumed every image
+            if seq.num_computed == len(seq):
+                sampling.append((seq, row))
+            self.stats.prompt_tokens += max(
+                0, min(seq.num_computed, len(seq.prompt)) - (seq.num_computed - n)
+            )
+        if not sampling:
+            return outputs
+        rows = [
+            SampleRow(s.params, s.prompt, s.output, s.generator, self.tokenizer.eos_token_ids)
+            for s, _ in sampling
+        ]
+        samples = sample(logits[[r for _, r in sampling]], rows)
+        now = time.monotonic()
+        for (seq, _), smp in zip(sampling, samples, strict=True):
+            out = self._append(seq, smp, now)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _append(self, seq: Sequence, smp: Sample, now: float) -> Output | None:
+        seq.output.append(smp.token)
+        seq.first_token_time = seq.first_token_time or now
+        self.stats.generation_tokens += 1
+        track = self._tracks[seq.seq_id]
+        params, token = seq.params, smp.token
+        track.pending.append(token)
+        if params.logprobs is not None:
+            track.pending_logprobs.append(smp)
+        if token in self.tokenizer.eos_token_ids and not params.ignore_eos:
+            return self._finish(seq, "stop", None)
+        if token in params.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        text, stopped = track.stops.feed(track.detok.add(token))
+        if stopped is not None:
+            return self._finish(seq, "stop", stopped, text)
+        if (params.max_tokens is not None and len(seq.output) >= params.max_tokens) or len(
+            seq
+        ) >= self.max_model_len:
+            return self._finish(seq, "length", None, text)
+        if params.repetition_detection.enabled and repeating_tail(seq.output, params.repetition_detection):
+            self.stats.loop_stops += 1
+            return self._finish(seq, "repetition", None, text)
+        return self._emit(seq, text)
+
+    def _emit(self, seq: Sequence, text: str, finished: bool = False) -> Output:
+        track = self._tracks[seq.seq_id]
+        out = Output(
+            seq.request_id,
+            seq.index,
+            track.pending,
+            text,
+            track.pending_logprobs,
+            finished,
+            seq.finish_reason,
+            seq.stop_reason,
+            len(seq.prompt),
+            seq.num_cached,
+            len(seq.output),
+        )
+        track.pending, track.pending_logprobs = [], []
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, text: str = "") -> Output:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        track = self._tracks[seq.seq_id]
+        if reason != "stop" or not isinstance(stop_reason, str):
+            tail, _ = track.stops.feed(track.detok.flush(), final=True)
+            text += tail
+        self.scheduler.remove(seq)
+        self._count_finish(seq)
+        out = self._emit(seq, text, finished=True)
+        seqs = self._seqs.get(seq.request_id, [])
+        if all(s.finished for s in seqs):
+            self._seqs.pop(seq.request_id, None)
+            for s in seqs:
+                self._tracks.pop(s.seq_id, None)
+        return out
+
+    def _count_finish(self, seq: Sequence) -> None:
+        reason = seq.finish_reason or "abort"
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+
+def _available_cpu_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * GiB

@@ -1,0 +1,99 @@
+"""Offline batch generation: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from levante.engine.engine import Engine, EngineConfig, Output
+from levante.engine.sampler import Sample
+from levante.engine.sampling_params import SamplingParams
+from levante.loader import load
+from levante.tokenizer import PromptInputs, Tokenizer
+
+Prompt = str | list[dict[str, Any]] | PromptInputs  # raw text, a chat conversation, or token ids
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Sample] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    cached_tokens: int = 0
+
+
+def to_inputs(tokenizer: Tokenizer, prompt: Prompt) -> PromptInputs:
+    if isinstance(prompt, PromptInputs):
+        return prompt
+    if isinstance(prompt, str):
+        return PromptInputs(tokens=tokenizer.encode(prompt, add_bos=True), images=[])
+    return tokenizer.encode_chat(prompt)
+
+
+def accumulate(outputs: list[CompletionOutput], delta: Output) -> None:
+    """Folds one step's delta into the request's running result."""
+    out = outputs[delta.index]
+    out.text += delta.text
+    out.token_ids += delta.token_ids
+    out.logprobs += delta.logprobs
+    if delta.finished:
+        out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        engine: EngineConfig | None = None,
+    ) -> None:
+        loaded = load(model, dtype=dtype, device=device, progress=False)
+        self.tokenizer = loaded.tokenizer
+        self.engine = Engine(loaded.model, loaded.tokenizer, engine)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Runs every prompt to completion with continuous batching; results in input order."""
+        single = isinstance(prompts, str | PromptInputs) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict)
+        )
+        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(batch)
+        if len(plist) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(plist)} sampling params")
+        results: dict[str, RequestOutput] = {}
+        for i, (prompt, p) in enumerate(zip(batch, plist, strict=True)):
+            inputs = to_inputs(self.tokenizer, prompt)
+            rid = f"offline-{id(self)}-{i}"
+            self.engine.add_request(rid, inputs, p)
+            results[rid] = RequestOutput(rid, list(inputs.tokens), [CompletionOutput(k) for k in range(p.n)])
+        bar = tqdm(total=len(batch), disable=not use_tqdm, unit="req")
+        while self.engine.has_unfinished():
+            for delta in self.engine.step():
+                accumulate(results[delta.request_id].outputs, delta)
+                results[delta.request_id].cached_tokens = delta.cached_tokens
+                if delta.finished and all(o.finish_reason for o in results[delta.request_id].outputs):
+                    bar.update(1)
+        bar.close()
+        return list(results.values())

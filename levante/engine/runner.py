@@ -1,0 +1,74 @@
+"""One model forward per step over the flat mixed batch (prefill chunks and decode tokens)."""
+
+from __future__ import annotations
+
+import torch
+
+from levante.engine.attention import BatchLayout, TorchPagedAttention
+from levante.engine.kv_cache import KVStore
+from levante.engine.sequence import Sequence
+from levante.model import Model
+
+
+class Runner:
+    def __init__(self, model: Model, store: KVStore, block_size: int) -> None:
+        self.model = model
+        self.device = model.decoder.embed_tokens.weight.device
+        self.block_size = block_size
+        self.attention = TorchPagedAttention(store)
+        self.image_token_id = model.config.image_token_id if model.vision is not None else None
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _image_rows(self, seq: Sequence, start: int, end: int) -> torch.Tensor | None:
+        """The projected `[IMG]` rows that fall in tokens [start, end) of this sequence; the
+        images are encoded once, at the first chunk that needs them."""
+        if self.image_token_id is None or not seq.images or start >= seq.images[-1].last + 1:
+            return None
+        tokens = torch.tensor(seq.prompt[: min(end, len(seq.prompt))])
+        is_img = tokens == self.image_token_id
+        before, inside = int(is_img[:start].sum()), int(is_img[start:].sum())
+        if inside == 0:
+            return None
+        if seq.image_embeds is None:
+            with torch.inference_mode():
+                pixels = [img.pixels.to(self.device) for img in seq.images]
+                seq.image_embeds = torch.cat(self.model.encode_images(pixels))
+        return seq.image_embeds[before : before + inside]
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Feeds each sequence's next `n` tokens; returns float32 logits [len(items), V] at each
+        sequence's last fed token (rows of sequences still mid-prefill are simply not used)."""
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        contexts: list[torch.Tensor] = []
+        images: list[torch.Tensor] = []
+        last: list[int] = []
+        for seq, n in items:
+            start, end = seq.num_computed, seq.num_computed + n
+            ids.extend(seq.tokens[start:end])
+            positions.append(torch.arange(start, end))
+            context = self._slots(seq, 0, end)
+            contexts.append(context.to(self.device))
+            slots.append(context[start:end])
+            rows = self._image_rows(seq, start, end)
+            if rows is not None:
+                images.append(rows)
+            last.append(len(ids) - 1)
+        self.attention.layout = BatchLayout(
+            slots=torch.cat(slots).to(self.device),
+            query_lens=[n for _, n in items],
+            context_slots=contexts,
+        )
+        hidden = self.model(
+            torch.tensor(ids, device=self.device),
+            torch.cat(positions).to(self.device),
+            self.attention,
+            torch.cat(images) if images else None,
+        )
+        return self.model.logits(hidden[torch.tensor(last, device=self.device)])
