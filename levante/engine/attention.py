@@ -15,28 +15,50 @@ from levante.model import causal_attention
 
 @dataclass
 class BatchLayout:
-    """Where this forward's tokens go and what each sequence attends over."""
+    """Where this forward's tokens go and what each sequence attends over; built once per step
+    and shared by every layer."""
 
     slots: torch.Tensor  # [T] cache slot of each new token
-    query_lens: list[int]  # new tokens per sequence, in batch order
-    context_slots: list[torch.Tensor]  # per sequence: slots of all its tokens so far, new ones included
+    prefills: list[tuple[int, int, torch.Tensor]]  # (first row, rows, slots of the whole context)
+    decode_rows: torch.Tensor  # [B] rows of single-token sequences
+    decode_tables: torch.Tensor  # [B, blocks] their block tables, padded with block 0
+    decode_pad: torch.Tensor  # [B, blocks * block_size] True past each context's end
 
 
 class TorchPagedAttention:
-    """Pure-PyTorch backend (CPU; the reference in tests). A GPU kernel backend implements the
-    same call without touching the model or the scheduler."""
+    """Pure-PyTorch backend (CPU; the reference in tests). Decode rows are attended together:
+    one block-granular gather and two batched matmuls per layer, instead of a call per sequence.
+    A GPU kernel backend implements the same call without touching the model or the scheduler."""
 
     def __init__(self, store: KVStore) -> None:
         self.store = store
         self.layout: BatchLayout | None = None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        assert self.layout is not None, "set the batch layout before the forward"
-        kc, vc = self.store.k[layer], self.store.v[layer]
-        kc[self.layout.slots] = k.to(kc.dtype)
-        vc[self.layout.slots] = v.to(vc.dtype)
-        out, start = [], 0
-        for n, ctx in zip(self.layout.query_lens, self.layout.context_slots, strict=True):
-            out.append(causal_attention(q[start : start + n], kc[ctx], vc[ctx]))
-            start += n
-        return torch.cat(out)
+        layout = self.layout
+        assert layout is not None, "set the batch layout before the forward"
+        kc, vc = self.store.k[layer], self.store.v[layer]  # [Hkv, slots, D]
+        kc[:, layout.slots] = k.transpose(0, 1).to(kc.dtype)
+        vc[:, layout.slots] = v.transpose(0, 1).to(vc.dtype)
+        out = torch.empty_like(q)
+        for start, n, ctx in layout.prefills:
+            keys, values = kc[:, ctx].transpose(0, 1), vc[:, ctx].transpose(0, 1)
+            out[start : start + n] = causal_attention(q[start : start + n], keys, values)
+        if layout.decode_rows.numel():
+            out[layout.decode_rows] = self._decode(q[layout.decode_rows], kc, vc, layout)
+        return out
+
+    def _decode(
+        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout
+    ) -> torch.Tensor:
+        """q: [B, Hq, D] -> [B, Hq, D] over each row's blocks."""
+        b, hq, d = q.shape
+        hkv, bs = kc.shape[0], self.store.block_size
+        blocks = layout.decode_tables.view(-1)
+        keys = torch.index_select(kc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)  # [Hkv, B, L, D]
+        values = torch.index_select(vc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)
+        qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)  # [Hkv, B, g, D]
+        scores = torch.matmul(qg, keys.transpose(2, 3)) * d**-0.5
+        scores.masked_fill_(layout.decode_pad[None, :, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [Hkv, B, g, D]
+        return out.transpose(0, 1).reshape(b, hq, d)

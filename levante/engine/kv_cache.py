@@ -129,7 +129,9 @@ class BlockManager:
 
 
 class KVStore:
-    """The K/V tensors themselves: one flat slot array per layer, slot = block * size + offset."""
+    """The K/V tensors themselves: per layer [kv heads, slots, head_dim], slot = block * size +
+    offset. Head-major, so that gathering a block is one contiguous copy per head and the
+    gathered keys feed batched matmuls without another copy."""
 
     def __init__(
         self,
@@ -141,7 +143,10 @@ class KVStore:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        self.block_size = block_size
+        # zeros, not empty: batched decode reads (and masks) the unused tail of each row's last
+        # block, and masked weights times NaN garbage would still be NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

@@ -39,6 +39,33 @@ class Runner:
                 seq.image_embeds = torch.cat(self.model.encode_images(pixels))
         return seq.image_embeds[before : before + inside]
 
+    def _layout(self, items: list[tuple[Sequence, int]], slots: torch.Tensor) -> BatchLayout:
+        prefills, rows, tables, lengths = [], [], [], []
+        row = 0
+        for seq, n in items:
+            end = seq.num_computed + n
+            if n == 1:
+                rows.append(row)
+                tables.append(seq.block_table)
+                lengths.append(end)
+            else:
+                prefills.append((row, n, self._slots(seq, 0, end).to(self.device)))
+            row += n
+        width = max((len(t) for t in tables), default=0)
+        padded = torch.zeros((len(tables), width), dtype=torch.long)
+        for i, table in enumerate(tables):
+            padded[i, : len(table)] = torch.tensor(table)
+        pad = (
+            torch.arange(width * self.block_size)[None, :] >= torch.tensor(lengths, dtype=torch.long)[:, None]
+        )
+        return BatchLayout(
+            slots=slots.to(self.device),
+            prefills=prefills,
+            decode_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            decode_tables=padded.to(self.device),
+            decode_pad=pad.to(self.device),
+        )
+
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Feeds each sequence's next `n` tokens; returns float32 logits [len(items), V] at each
@@ -46,25 +73,18 @@ class Runner:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
-        contexts: list[torch.Tensor] = []
         images: list[torch.Tensor] = []
         last: list[int] = []
         for seq, n in items:
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.tokens[start:end])
             positions.append(torch.arange(start, end))
-            context = self._slots(seq, 0, end)
-            contexts.append(context.to(self.device))
-            slots.append(context[start:end])
+            slots.append(self._slots(seq, start, end))
             rows = self._image_rows(seq, start, end)
             if rows is not None:
                 images.append(rows)
             last.append(len(ids) - 1)
-        self.attention.layout = BatchLayout(
-            slots=torch.cat(slots).to(self.device),
-            query_lens=[n for _, n in items],
-            context_slots=contexts,
-        )
+        self.attention.layout = self._layout(items, torch.cat(slots))
         hidden = self.model(
             torch.tensor(ids, device=self.device),
             torch.cat(positions).to(self.device),
