@@ -72,21 +72,24 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--single-stream-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     path = demo_model_path()
-    print(f"model: {path.name}; torch threads: {torch.get_num_threads()}")
+    print(f"model: {path.name}; {args.dtype}; torch threads: {torch.get_num_threads()}")
     llm = LLM(
         path,
+        dtype=args.dtype,
         engine=EngineConfig(
             kv_cache_memory=2.0,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
         ),
     )
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
     jobs = workload(args.requests, args.seed, llm.engine.model.config.text.vocab_size)
     useful = sum(m for _, m in jobs)
     print(f"{len(jobs)} requests, {sum(len(p) for p, _ in jobs)} prompt tokens, {useful} output tokens")

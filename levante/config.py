@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from levante.errors import CheckpointError
+from levante.errors import CheckpointError, LevanteError
 
 Layout = Literal["hf", "mistral", "gguf"]
 
@@ -67,16 +67,16 @@ def _require(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a checkpoint file, or a CheckpointError naming the file."""
+def read_json(path: Path, error: type[LevanteError] = CheckpointError) -> dict[str, Any]:
+    """A JSON object from a model file, or an `error` naming the file."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise error(f"{path}: cannot read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from levante.loader import demo_model_path
-from levante.testing.checkpoints import TinySpec, random_weights, write_hf
-from levante.testing.tekken import write_tekken
+from levante.testing import write_model_dir
+from levante.testing.checkpoints import TinySpec
 
 
 def healthy_init(model: torch.nn.Module, seed: int) -> None:
@@ -92,17 +92,10 @@ def demo_gguf() -> Path:
     return demo_model_path()
 
 
-def write_tiny(directory: Path, spec: TinySpec, seed: int = 0) -> Path:
-    """A complete synthetic Mistral model directory: HF weights + the synthetic tekken.json."""
-    write_hf(directory, random_weights(spec, seed), spec)
-    write_tekken(directory)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random Mistral3 (vision) with the real Tekken vocabulary, fp32 for exact checks."""
-    return write_tiny(tmp_path_factory.mktemp("tiny_mistral"), TinySpec(dtype=torch.float32))
+    return write_model_dir(tmp_path_factory.mktemp("tiny_mistral"), TinySpec(dtype=torch.float32))
 
 
 @pytest.fixture(scope="session")
@@ -117,4 +110,4 @@ def tiny_long_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_position_embeddings=32768,
         dtype=torch.float32,
     )
-    return write_tiny(tmp_path_factory.mktemp("tiny_long"), spec, seed=5)
+    return write_model_dir(tmp_path_factory.mktemp("tiny_long"), spec, seed=5)

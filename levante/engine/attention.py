@@ -19,7 +19,7 @@ class BatchLayout:
     and shared by every layer."""
 
     slots: torch.Tensor  # [T] cache slot of each new token
-    prefills: list[tuple[int, int, torch.Tensor]]  # (first row, rows, slots of the whole context)
+    prefills: list[tuple[int, int, torch.Tensor | None]]  # (first row, rows, context slots; None: no past)
     decode_rows: torch.Tensor  # [B] rows of single-token sequences
     decode_tables: torch.Tensor  # [B, blocks] their block tables, padded with block 0
     decode_pad: torch.Tensor  # [B, blocks * block_size] True past each context's end
@@ -42,7 +42,10 @@ class TorchPagedAttention:
         vc[:, layout.slots] = v.transpose(0, 1).to(vc.dtype)
         out = torch.empty_like(q)
         for start, n, ctx in layout.prefills:
-            keys, values = kc[:, ctx].transpose(0, 1), vc[:, ctx].transpose(0, 1)
+            if ctx is None:  # nothing cached before this chunk: its own k/v are the whole context
+                keys, values = k[start : start + n], v[start : start + n]
+            else:
+                keys, values = kc[:, ctx].transpose(0, 1), vc[:, ctx].transpose(0, 1)
             out[start : start + n] = causal_attention(q[start : start + n], keys, values)
         if layout.decode_rows.numel():
             out[layout.decode_rows] = self._decode(q[layout.decode_rows], kc, vc, layout)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,17 @@ class LLM:
                     bar.update(1)
         bar.close()
         return list(results.values())
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one request as the engine produces them (the terminal chat's path)."""
+        rid = f"stream-{uuid.uuid4().hex}"
+        self.engine.add_request(rid, to_inputs(self.tokenizer, prompt), params or SamplingParams())
+        try:
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    if delta.request_id == rid:
+                        yield delta.text
+                        if delta.finished:
+                            return
+        finally:
+            self.engine.abort(rid)  # a no-op once finished; frees the blocks on Ctrl-C

@@ -49,7 +49,8 @@ class Runner:
                 tables.append(seq.block_table)
                 lengths.append(end)
             else:
-                prefills.append((row, n, self._slots(seq, 0, end).to(self.device)))
+                past = self._slots(seq, 0, end).to(self.device) if seq.num_computed else None
+                prefills.append((row, n, past))
             row += n
         width = max((len(t) for t in tables), default=0)
         padded = torch.zeros((len(tables), width), dtype=torch.long)

@@ -31,6 +31,10 @@ class RepetitionDetection:
         return self.max_pattern_size > 0
 
 
+LOOP_GUARD_ON = RepetitionDetection(max_pattern_size=64, min_pattern_size=1, min_count=6)
+"""What `--loop-guard` turns on: any 1..64-token pattern repeated 6 times in a row ends the answer."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1

@@ -11,6 +11,7 @@ from typing import Any
 
 import tokenizers
 
+from levante.config import read_json
 from levante.errors import TokenizerError
 from levante.tokenizer import chat_template
 from levante.tokenizer.base import Message, PromptInputs, Tokenizer, ToolSpec, check_chat
@@ -104,15 +105,8 @@ class HFBackend(Tokenizer):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+    """An optional tokenizer-side JSON file: {} when absent."""
+    return read_json(path, TokenizerError) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
