@@ -65,6 +65,8 @@ def load(
 ) -> LoadedModel:
     """Model and tokenizer from one path (the demo model when None)."""
     resolved = Path(path) if path is not None else demo_model_path()
+    if not resolved.exists():
+        raise CheckpointError(f"{resolved}: no such file or directory")
     tokenizer = load_tokenizer(resolved, default_system_prompt=default_system_prompt)
     model = load_model(resolved, dtype=dtype, device=device, progress=progress)
     return LoadedModel(resolved, model.config, model, tokenizer)

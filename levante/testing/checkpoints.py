@@ -22,6 +22,7 @@ from gguf.quants import quantize
 from safetensors.torch import save_file
 
 from levante.config import ModelConfig, TextConfig, VisionConfig
+from levante.model import build_model
 from levante.weights.rotary import rotary_heads, to_interleaved
 
 Weights = dict[str, torch.Tensor]
@@ -99,54 +100,11 @@ class TinySpec:
 
 
 def _shapes(spec: TinySpec) -> dict[str, tuple[int, ...]]:
-    h, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"decoder.embed_tokens.weight": (spec.vocab_size, h)}
-    for i in range(spec.num_layers):
-        shapes |= {
-            f"decoder.layers.{i}.{k}.weight": s
-            for k, s in {
-                "input_layernorm": (h,),
-                "self_attn.q_proj": (q, h),
-                "self_attn.k_proj": (kv, h),
-                "self_attn.v_proj": (kv, h),
-                "self_attn.o_proj": (h, q),
-                "post_attention_layernorm": (h,),
-                "mlp.gate_proj": (spec.intermediate_size, h),
-                "mlp.up_proj": (spec.intermediate_size, h),
-                "mlp.down_proj": (h, spec.intermediate_size),
-            }.items()
-        }
-    shapes["decoder.norm.weight"] = (h,)
-    if not spec.tie_word_embeddings:
-        shapes["decoder.lm_head.weight"] = (spec.vocab_size, h)
-    if not spec.vision:
-        return shapes
-    vh, vi, m = spec.vision_hidden_size, spec.vision_intermediate_size, spec.spatial_merge_size
-    shapes["vision.patch_conv.weight"] = (vh, 3, spec.patch_size, spec.patch_size)
-    shapes["vision.ln_pre.weight"] = (vh,)
-    for i in range(spec.vision_num_layers):
-        shapes |= {
-            f"vision.layers.{i}.{k}.weight": s
-            for k, s in {
-                "attention_norm": (vh,),
-                "attention.q_proj": (vh, vh),
-                "attention.k_proj": (vh, vh),
-                "attention.v_proj": (vh, vh),
-                "attention.o_proj": (vh, vh),
-                "ffn_norm": (vh,),
-                "feed_forward.gate_proj": (vi, vh),
-                "feed_forward.up_proj": (vi, vh),
-                "feed_forward.down_proj": (vh, vi),
-            }.items()
-        }
-    shapes["projector.norm.weight"] = (vh,)
-    shapes["projector.patch_merger.merging_layer.weight"] = (vh, vh * m * m)
-    shapes["projector.linear_1.weight"] = (h, vh)
-    shapes["projector.linear_2.weight"] = (h, h)
-    if spec.projector_bias:
-        shapes["projector.linear_1.bias"] = (h,)
-        shapes["projector.linear_2.bias"] = (h,)
-    return shapes
+    """Every parameter's shape, read off the model itself built on the meta device."""
+    with torch.device("meta"):
+        model = build_model(spec.model_config())
+    tied = {"decoder.lm_head.weight"} if spec.tie_word_embeddings else set()
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
 def random_weights(spec: TinySpec, seed: int = 0) -> Weights:
