@@ -225,14 +225,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
-
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[Output]:
@@ -261,16 +253,14 @@ class Engine:
             for s, _ in sampling
         ]
         samples = sample(logits[[r for _, r in sampling]], rows)
-        now = time.monotonic()
         for (seq, _), smp in zip(sampling, samples, strict=True):
-            out = self._append(seq, smp, now)
+            out = self._append(seq, smp)
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _append(self, seq: Sequence, smp: Sample, now: float) -> Output | None:
+    def _append(self, seq: Sequence, smp: Sample) -> Output | None:
         seq.output.append(smp.token)
-        seq.first_token_time = seq.first_token_time or now
         self.stats.generation_tokens += 1
         track = self._tracks[seq.seq_id]
         params, token = seq.params, smp.token

@@ -39,11 +39,6 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free)
 
-    @property
-    def usage(self) -> float:
-        """Share of blocks owned by running sequences (cached-but-free blocks count as free)."""
-        return 1.0 - len(self.free) / self.num_blocks
-
     def blocks_needed(self, seq: Sequence, num_new: int) -> int:
         return max(0, -(-(seq.num_computed + num_new) // self.block_size) - len(seq.block_table))
 

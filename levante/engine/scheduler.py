@@ -45,10 +45,6 @@ class Scheduler:
         seq.status = Status.WAITING
         heapq.heappush(self.waiting, (seq.params.priority, seq.arrival, next(self._order), seq))
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -91,8 +87,7 @@ class Scheduler:
                 budget -= n
                 i += 1
                 continue
-            if seq in self.running and seq in batch.out_of_memory:
-                i += 1
+            break  # seq was the last running sequence: alone and out of memory, or preempted itself
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0][3]

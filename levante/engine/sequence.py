@@ -54,7 +54,6 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    first_token_time: float | None = None
     num_preemptions: int = 0
 
     @property
