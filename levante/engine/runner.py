@@ -68,15 +68,16 @@ class Runner:
         )
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Feeds each sequence's next `n` tokens; returns float32 logits [len(items), V] at each
-        sequence's last fed token (rows of sequences still mid-prefill are simply not used)."""
+    def run(self, items: list[tuple[Sequence, int]], full: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Feeds each sequence's next `n` tokens; returns float32 logits at each sequence's last fed
+        token (rows of sequences still mid-prefill are simply not used), or at every fed token for
+        the items whose index is in `full` (prompt logprobs), in item order."""
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         images: list[torch.Tensor] = []
-        last: list[int] = []
-        for seq, n in items:
+        keep: list[int] = []
+        for i, (seq, n) in enumerate(items):
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.tokens[start:end])
             positions.append(torch.arange(start, end))
@@ -84,7 +85,7 @@ class Runner:
             rows = self._image_rows(seq, start, end)
             if rows is not None:
                 images.append(rows)
-            last.append(len(ids) - 1)
+            keep.extend(range(len(ids) - n, len(ids)) if i in full else [len(ids) - 1])
         self.attention.layout = self._layout(items, torch.cat(slots))
         hidden = self.model(
             torch.tensor(ids, device=self.device),
@@ -92,4 +93,4 @@ class Runner:
             self.attention,
             torch.cat(images) if images else None,
         )
-        return self.model.logits(hidden[torch.tensor(last, device=self.device)])
+        return self.model.logits(hidden[torch.tensor(keep, device=self.device)])
