@@ -15,7 +15,7 @@ from PIL import Image
 
 from levante.engine import LLM, EngineConfig, RepetitionDetection, RequestError, SamplingParams
 from levante.engine.async_engine import AsyncEngine
-from levante.reference import generate_tokens
+from levante.reference import DenseKVCache, generate_tokens
 from levante.tokenizer import PromptInputs
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potions".split()
@@ -143,6 +143,28 @@ def test_chunked_prefill_keeps_decodes_going_and_changes_nothing(tiny_long_conte
     )
     assert [outputs[f"short{i}"] for i in range(8)] == [r.outputs[0].token_ids for r in expected[:8]]
     assert outputs["long"] == expected[8].outputs[0].token_ids
+
+
+def test_prompt_logprobs_equal_a_full_forward_even_chunked_and_with_a_cached_prefix(
+    tiny_mistral: Path,
+) -> None:
+    llm = LLM(tiny_mistral, engine=EngineConfig(kv_cache_memory=0.05, max_num_batched_tokens=16))
+    prompt = PromptInputs([1, *range(4000, 4049)])
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2))  # caches the prefix blocks
+    scored = llm.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))[0]
+    assert scored.outputs[0].token_ids == [] and scored.outputs[0].finish_reason == "length"
+    assert scored.prompt_logprobs is not None and scored.prompt_logprobs[0] is None
+    model = llm.engine.model
+    cache = DenseKVCache(len(model.decoder.layers))
+    cache.plan([0], [len(prompt.tokens)])
+    with torch.inference_mode():
+        ids = torch.tensor(prompt.tokens)
+        full = torch.log_softmax(model.logits(model(ids, torch.arange(len(ids)), cache)), -1)
+    for pos, smp in enumerate(scored.prompt_logprobs[1:], start=1):
+        assert smp is not None and smp.token == prompt.tokens[pos]
+        assert smp.logprob == pytest.approx(float(full[pos - 1, smp.token]), abs=1e-4)
+        assert [t for t, _ in smp.top_logprobs] == full[pos - 1].topk(3).indices.tolist()
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
 
 
 def test_preemption_under_a_tiny_cache_changes_nothing(tiny_mistral: Path) -> None:

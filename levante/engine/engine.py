@@ -16,7 +16,7 @@ import torch
 from levante.engine.guard import repeating_tail
 from levante.engine.kv_cache import BlockManager, KVStore
 from levante.engine.runner import Runner
-from levante.engine.sampler import Sample, SampleRow, check_vocab, sample
+from levante.engine.sampler import Sample, SampleRow, check_vocab, raw_logprobs, sample
 from levante.engine.sampling_params import RepetitionDetection, SamplingParams
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import ImageSpan, Sequence
@@ -61,6 +61,9 @@ class Output:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    arrival: float = 0.0  # time.monotonic() of add_request
+    scheduled_at: float | None = None  # when the request first ran (queue time = this - arrival)
+    prompt_logprobs: list[Sample | None] | None = None  # on the first output of choice 0, if asked
 
 
 @dataclass
@@ -71,6 +74,8 @@ class _Track:
     stops: StopStrings
     pending: list[int] = field(default_factory=list)
     pending_logprobs: list[Sample] = field(default_factory=list)
+    # prompt positions scored so far ([None] for the first token); None once sent or not asked
+    prompt_logprobs: list[Sample | None] | None = None
 
 
 @dataclass
@@ -182,6 +187,7 @@ class Engine:
             self._tracks[seq.seq_id] = _Track(
                 detok=self.tokenizer.detokenizer(skip_special=params.skip_special_tokens),
                 stops=StopStrings(params.stop, params.include_stop_str_in_output),
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
             )
             self.scheduler.add(seq)
             seqs.append(seq)
@@ -235,17 +241,24 @@ class Engine:
             return outputs
         if self.keep_step_log:
             self.step_log.append([(seq.request_id, n) for seq, n in batch.items])
-        logits = self.runner.run(batch.items)
+        full = frozenset(i for i, (seq, _) in enumerate(batch.items) if self._scores_prompt(seq))
+        logits = self.runner.run(batch.items, full)
         sampling: list[tuple[Sequence, int]] = []
-        for row, (seq, n) in enumerate(batch.items):
+        row = 0
+        for i, (seq, n) in enumerate(batch.items):
+            start = seq.num_computed
             seq.num_computed += n
+            if i in full:
+                self._score_prompt(seq, start, logits[row : row + n])
+            row += n if i in full else 1
             if seq.images and seq.num_computed > seq.images[-1].last:
                 seq.image_embeds = None  # the prefill has consumed every image
             if seq.num_computed == len(seq):
-                sampling.append((seq, row))
-            self.stats.prompt_tokens += max(
-                0, min(seq.num_computed, len(seq.prompt)) - (seq.num_computed - n)
-            )
+                if seq.params.max_tokens == 0:  # echo-only scoring: nothing to generate
+                    outputs.append(self._finish(seq, "length", None))
+                else:
+                    sampling.append((seq, row - 1))
+            self.stats.prompt_tokens += max(0, min(seq.num_computed, len(seq.prompt)) - start)
         if not sampling:
             return outputs
         rows = [
@@ -258,6 +271,23 @@ class Engine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _scores_prompt(self, seq: Sequence) -> bool:
+        scored = self._tracks[seq.seq_id].prompt_logprobs
+        return scored is not None and len(scored) < len(seq.prompt)
+
+    def _score_prompt(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk's logits predict (row k scores token start+k+1);
+        a recompute after preemption skips the ones already scored."""
+        scored = self._tracks[seq.seq_id].prompt_logprobs
+        assert scored is not None
+        first, end = len(scored), min(start + len(logits) + 1, len(seq.prompt))
+        if end <= first:
+            return
+        tokens = seq.prompt[first:end]
+        k = seq.params.prompt_logprobs or 0
+        found = raw_logprobs(logits[first - 1 - start : end - 1 - start], tokens, [k] * len(tokens))
+        scored += [Sample(t, lp, top) for t, (lp, top) in zip(tokens, found, strict=True)]
 
     def _append(self, seq: Sequence, smp: Sample) -> Output | None:
         seq.output.append(smp.token)
@@ -297,8 +327,11 @@ class Engine:
             len(seq.prompt),
             seq.num_cached,
             len(seq.output),
+            seq.arrival,
+            seq.scheduled_at,
+            track.prompt_logprobs,
         )
-        track.pending, track.pending_logprobs = [], []
+        track.pending, track.pending_logprobs, track.prompt_logprobs = [], [], None
         return out
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, text: str = "") -> Output:

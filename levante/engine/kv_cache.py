@@ -45,10 +45,12 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """For a sequence with no blocks yet: take every cached full block of its prefix and return
         how many prompt tokens that covers. The last token is always recomputed: its logits are
-        needed to sample."""
+        needed to sample. A request for prompt logprobs needs every prompt token's logits, so it
+        takes nothing from the cache (its blocks are still registered for others)."""
         assert not seq.block_table and seq.num_computed == 0
         tokens, bs = seq.tokens, self.block_size
-        limit = (len(tokens) - 1) // bs if self.prefix_caching else 0
+        reuse = self.prefix_caching and seq.params.prompt_logprobs is None
+        limit = (len(tokens) - 1) // bs if reuse else 0
         parent = b""
         for i in range(limit):
             key = block_hash(parent, tokens[i * bs : (i + 1) * bs], seq.block_images(i * bs, (i + 1) * bs))

@@ -35,6 +35,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     cached_tokens: int = 0
+    prompt_logprobs: list[Sample | None] | None = None  # when SamplingParams.prompt_logprobs is set
 
 
 def to_inputs(tokenizer: Tokenizer, prompt: Prompt) -> PromptInputs:
@@ -94,6 +95,8 @@ class LLM:
             for delta in self.engine.step():
                 accumulate(results[delta.request_id].outputs, delta)
                 results[delta.request_id].cached_tokens = delta.cached_tokens
+                if delta.prompt_logprobs is not None:
+                    results[delta.request_id].prompt_logprobs = delta.prompt_logprobs
                 if delta.finished and all(o.finish_reason for o in results[delta.request_id].outputs):
                     bar.update(1)
         bar.close()

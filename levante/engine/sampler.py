@@ -64,7 +64,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample]:
         x = _adjusted(logits[i], row) if adj else logits[i]
         tokens.append(int(_argmax(x[None])[0]) if row.params.greedy else _draw(x, row))
     wanted = [row.params.logprobs or 0 for row in rows]
-    return [Sample(tok, *lp) for tok, lp in zip(tokens, _raw_logprobs(logits, tokens, wanted), strict=True)]
+    return [Sample(tok, *lp) for tok, lp in zip(tokens, raw_logprobs(logits, tokens, wanted), strict=True)]
 
 
 def _adjusts(row: SampleRow) -> bool:
@@ -115,7 +115,7 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return cols.gather(1, x.gather(1, cols).argmax(-1, keepdim=True))[:, 0]
 
 
-def _raw_logprobs(
+def raw_logprobs(
     logits: torch.Tensor, tokens: list[int], wanted: list[int]
 ) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row, the chosen token's log-probability under the raw logits and the `wanted` most likely

@@ -50,6 +50,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
@@ -61,7 +62,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (self.n >= 1, "n must be >= 1"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
@@ -79,6 +80,10 @@ class SamplingParams:
                 "logit_bias values must be in [-100, 100]",
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
         ]
         for ok, message in checks:

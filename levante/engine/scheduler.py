@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from levante.engine.kv_cache import BlockManager
@@ -99,6 +100,8 @@ class Scheduler:
             self.blocks.record_lookup(seq, hits)
             heapq.heappop(self.waiting)
             seq.status = Status.RUNNING
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             self.running.append(seq)
             batch.items.append((seq, n))
             budget -= n

@@ -42,7 +42,7 @@ class Sequence:
     index: int  # which of the request's n choices
     prompt: list[int]
     params: SamplingParams
-    arrival: float
+    arrival: float  # time.monotonic() when the request was added
     images: list[ImageSpan] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -55,6 +55,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    scheduled_at: float | None = None  # when it first got a place in a batch (queue time ends)
 
     @property
     def tokens(self) -> list[int]:
