@@ -7,8 +7,9 @@ import base64
 import io
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -105,12 +106,61 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": stream_answer(llm, messages, params)})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from levante.api.images import ImagePolicy
+    from levante.api.server import ServerConfig, serve
+    from levante.engine import EngineConfig
+    from levante.engine.sampling_params import LOOP_GUARD_ON
+
+    engine = EngineConfig(
+        kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_caching=not args.no_enable_prefix_caching,
+        loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
+    )
+    images = ImagePolicy(
+        max_images=args.limit_mm_per_prompt,
+        allowed_domains=frozenset(d.strip().lower() for d in args.allowed_media_domains if d.strip()),
+    )
+    config = ServerConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        engine=engine,
+        api_key=args.api_key,
+        generation_config=args.generation_config,
+        images=images,
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        log_prompts=args.log_prompts,
+        default_system_prompt=not args.no_system_prompt,
+    )
+    logging.getLogger("levante").setLevel(logging.INFO)
+    serve(config)
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or .gguf file (default: the SmolLM2 demo model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-memory", type=float, help="GiB for the KV cache (default: measured)")
-    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
+    p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
     p.add_argument(
         "--no-system-prompt",
@@ -135,6 +185,36 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, default=512)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--seed", type=int)
+    s = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    s.set_defaults(func=cmd_serve)
+    model_flags(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the name clients use (default: the model's file or folder)")
+    s.add_argument("--api-key", help="require this bearer key on /v1 endpoints")
+    s.add_argument("--max-num-seqs", type=positive(int), default=64, help="sequences in one batch")
+    s.add_argument(
+        "--max-num-batched-tokens", type=positive(int), default=1024, help="tokens per step (prefill chunk)"
+    )
+    s.add_argument("--no-enable-prefix-caching", action="store_true")
+    s.add_argument(
+        "--generation-config",
+        default="auto",
+        help="sampling defaults: auto (the model's generation_config.json), vllm (none), or a folder",
+    )
+    s.add_argument("--limit-mm-per-prompt", type=positive(int), default=10, help="images per request")
+    s.add_argument(
+        "--allowed-media-domains",
+        type=lambda text: text.split(","),
+        default=[],
+        help="comma-separated domains images may be fetched from (default: none, data: URLs only)",
+    )
+    s.add_argument("--max-queue", type=positive(int), default=256, help="waiting sequences before 429")
+    s.add_argument(
+        "--max-request-bytes", type=positive(int), default=64 * 1024 * 1024, help="larger bodies get 413"
+    )
+    s.add_argument("--shutdown-timeout", type=positive(float), default=30.0, help="seconds to drain")
+    s.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log")
     return ap
 
 

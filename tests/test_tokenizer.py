@@ -469,6 +469,10 @@ def test_gguf_encode_matches_transformers(
     assert hf_dir_tokenizer.encode(text, add_bos=False) == expected
     assert demo_tokenizer.encode(text, add_bos=True) == [hf_reference.bos_token_id, *expected]
     assert demo_tokenizer.decode(expected, skip_special=False) == hf_reference.decode(expected)
+    # plain-text prompts (completions) follow the model's own BOS convention, as transformers does
+    with_specials = hf_reference.encode(text)
+    for tok in (demo_tokenizer, hf_dir_tokenizer):
+        assert tok.encode(text, add_bos=tok.adds_bos) == with_specials
 
 
 def test_gguf_basics(demo_tokenizer: Tokenizer, hf_dir_tokenizer: Tokenizer, hf_reference: Any) -> None:

@@ -42,7 +42,7 @@ def to_inputs(tokenizer: Tokenizer, prompt: Prompt) -> PromptInputs:
     if isinstance(prompt, PromptInputs):
         return prompt
     if isinstance(prompt, str):
-        return PromptInputs(tokens=tokenizer.encode(prompt, add_bos=True), images=[])
+        return PromptInputs(tokens=tokenizer.encode(prompt, add_bos=tokenizer.adds_bos), images=[])
     return tokenizer.encode_chat(prompt)
 
 

@@ -33,6 +33,7 @@ class Tokenizer(ABC):
 
     eos_token_ids: frozenset[int]
     bos_token_id: int | None
+    adds_bos: bool  # the model's convention for plain-text prompts (completions, `encode`)
     vocab_size: int
     image_token_id: int | None
 

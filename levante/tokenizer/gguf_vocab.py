@@ -103,5 +103,6 @@ def load_gguf(path: Path) -> HFBackend:
         templates={"default": template} if template else {},
         special_tokens={name: tokens[i] for name, i in ids.items() if i is not None},
         eos_token_ids=[meta[f"tokenizer.ggml.{k}"] for k in _STOP_KEYS if f"tokenizer.ggml.{k}" in meta],
+        adds_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),  # llama.cpp's default for BPE
         where=where,
     )

@@ -67,9 +67,11 @@ class HFBackend(Tokenizer):
         templates: dict[str, str],
         special_tokens: dict[str, str],
         eos_token_ids: Iterable[int],
+        adds_bos: bool,
         where: str,
     ) -> None:
         self._tok = tokenizer
+        self.adds_bos = adds_bos
         self._templates = templates
         self._special_tokens = special_tokens
         self._where = where
@@ -145,10 +147,19 @@ def load_hf_directory(directory: Path) -> HFBackend:
         eos.add(eos_id)
     generation_eos = _read_json(directory / "generation_config.json").get("eos_token_id")
     eos.update([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])
+    # transformers adds BOS to plain text when tokenizer_config says so, else when the
+    # tokenizer.json post-processor does
+    adds_bos = config.get("add_bos_token")
+    if not isinstance(adds_bos, bool):
+        bos = special.get("bos_token")
+        adds_bos = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [
+            tok.token_to_id(bos)
+        ]
     return HFBackend(
         tok,
         templates=_templates(directory, config),
         special_tokens=special,
         eos_token_ids=eos,
+        adds_bos=adds_bos,
         where=str(directory),
     )

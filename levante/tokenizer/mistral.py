@@ -60,6 +60,7 @@ class MistralBackend(Tokenizer):
         self._tekken = self._mistral.instruct_tokenizer.tokenizer
         self.eos_token_ids = frozenset({self._tekken.eos_id})
         self.bos_token_id = self._tekken.bos_id
+        self.adds_bos = True
         self.vocab_size = self._tekken.n_words
         has_images = self._mistral.instruct_tokenizer.image_encoder is not None
         self.image_token_id = self._tekken.get_special_token("[IMG]") if has_images else None

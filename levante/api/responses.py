@@ -1,0 +1,230 @@
+"""Engine outputs in OpenAI's response and stream-chunk shapes (chat and legacy completions)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from levante.engine.engine import Output
+from levante.engine.sampler import Sample
+from levante.tokenizer import Tokenizer
+
+
+@dataclass
+class Choice:
+    """One choice's running result, folded from the engine's deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Sample] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_logprobs: list[Sample | None] | None = None
+
+    def add(self, out: Output) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+def usage(choices: list[Choice], n: int) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (its n choices share it), completions per choice."""
+    prompts = choices[::n]
+    prompt = sum(c.prompt_tokens for c in prompts)
+    completion = sum(len(c.token_ids) for c in choices)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in prompts)},
+    }
+
+
+def _token(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special=False)
+
+
+def _width(tokenizer: Tokenizer, token: int, text: str) -> int:
+    """How far a token moves the text offset: special tokens are not in the returned text."""
+    return 0 if tokenizer.is_special(token) else len(text)
+
+
+def chat_logprobs(tokenizer: Tokenizer, samples: list[Sample]) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs]}
+            for s in samples
+        ]
+    }
+
+
+def completion_logprobs(
+    tokenizer: Tokenizer, samples: list[Sample | None], offset: int = 0
+) -> dict[str, Any]:
+    """Legacy shape: parallel lists; the top dict also holds the chosen token, as vLLM's does. The
+    first prompt token of an echo has no logprob (None), like OpenAI's."""
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for s in samples:
+        if s is None:
+            continue
+        text = _token(tokenizer, s.token)
+        tokens.append(text)
+        logprobs.append(s.logprob)
+        top = {_token(tokenizer, t): lp for t, lp in s.top_logprobs}
+        top.setdefault(text, s.logprob)
+        tops.append(top)
+        offsets.append(offset)
+        offset += _width(tokenizer, s.token, text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _echo_logprobs(
+    tokenizer: Tokenizer, prompt: list[int], scored: list[Sample | None] | None
+) -> dict[str, Any]:
+    """The prompt part of an echo: its first token first, with null logprob and top."""
+    first = _token(tokenizer, prompt[0])
+    rest = completion_logprobs(tokenizer, list(scored or [])[1:], offset=_width(tokenizer, prompt[0], first))
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def _finish(c: Choice | Output) -> dict[str, Any]:
+    return {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+
+def chat_response(head: dict[str, Any], choices: list[Choice], tokenizer: Tokenizer) -> dict[str, Any]:
+    wants_logprobs = any(c.logprobs for c in choices)
+    return {
+        **head,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(tokenizer, c.logprobs) if wants_logprobs else None,
+                **_finish(c),
+            }
+            for c in choices
+        ],
+        "usage": usage(choices, max(1, len(choices))),
+    }
+
+
+async def chat_chunks(
+    head: dict[str, Any],
+    outputs: AsyncIterator[tuple[int, Output]],
+    n: int,
+    tokenizer: Tokenizer,
+    include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    head = {**head, "object": "chat.completion.chunk"}
+    choices = [Choice(index=i) for i in range(n)]
+    for i in range(n):
+        yield {
+            **head,
+            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+    async for _, out in outputs:
+        choices[out.index].add(out)
+        if out.text or out.logprobs:
+            logprobs = chat_logprobs(tokenizer, out.logprobs) if out.logprobs else None
+            delta = {
+                "index": out.index,
+                "delta": {"content": out.text},
+                "logprobs": logprobs,
+                "finish_reason": None,
+            }
+            yield {**head, "choices": [delta]}
+        if out.finished:
+            yield {**head, "choices": [{"index": out.index, "delta": {}, **_finish(out)}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage(choices, n)}
+
+
+def _completion_text(
+    tokenizer: Tokenizer,
+    text: str,
+    samples: list[Sample],
+    wants_logprobs: bool,
+    echo: list[int] | None,
+    scored: list[Sample | None] | None,
+    offset: int = 0,
+) -> tuple[str, dict[str, Any] | None]:
+    """A choice's text and logprobs (text offsets from `offset`, the length of what the choice
+    already returned), with the prompt and its logprobs in front when echoing."""
+    if echo is None:
+        return text, completion_logprobs(tokenizer, samples, offset) if wants_logprobs else None
+    prompt = tokenizer.decode(echo)
+    if not wants_logprobs:
+        return prompt + text, None
+    front = _echo_logprobs(tokenizer, echo, scored)
+    back = completion_logprobs(tokenizer, samples, len(prompt))
+    return prompt + text, {key: front[key] + back[key] for key in front}
+
+
+def completion_response(
+    head: dict[str, Any],
+    choices: list[Choice],
+    n: int,
+    tokenizer: Tokenizer,
+    echo: list[list[int]] | None,
+    wants_logprobs: bool,
+) -> dict[str, Any]:
+    body = []
+    for c in choices:
+        first = choices[c.index - c.index % n]  # the engine scores the prompt on a request's choice 0
+        prompt = echo[c.index // n] if echo is not None else None
+        text, logprobs = _completion_text(
+            tokenizer, c.text, c.logprobs, wants_logprobs, prompt, first.prompt_logprobs
+        )
+        body.append({"index": c.index, "text": text, "logprobs": logprobs, **_finish(c)})
+    return {**head, "object": "text_completion", "choices": body, "usage": usage(choices, n)}
+
+
+async def completion_chunks(
+    head: dict[str, Any],
+    outputs: AsyncIterator[tuple[int, Output]],
+    num_prompts: int,
+    n: int,
+    tokenizer: Tokenizer,
+    echo: list[list[int]] | None,
+    wants_logprobs: bool,
+    include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    """The echo (prompt text and logprobs) rides on each choice's first chunk."""
+    head = {**head, "object": "text_completion"}
+    choices = [Choice(index=i) for i in range(num_prompts * n)]
+    scored: dict[int, list[Sample | None]] = {}
+    sent = [-1] * len(choices)  # characters each choice has returned; -1: nothing yet
+    async for p, out in outputs:
+        index = p * n + out.index
+        choices[index].add(out)
+        if out.prompt_logprobs is not None:
+            scored[p] = out.prompt_logprobs  # choice 0's first output, before its siblings'
+        prompt = echo[p] if echo is not None and sent[index] < 0 else None
+        text, logprobs = _completion_text(
+            tokenizer, out.text, out.logprobs, wants_logprobs, prompt, scored.get(p), max(0, sent[index])
+        )
+        sent[index] = max(0, sent[index]) + len(text)
+        if text or logprobs or out.finished:
+            finish = _finish(out) if out.finished else {"finish_reason": None}
+            yield {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, **finish}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage(choices, n)}

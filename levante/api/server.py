@@ -1,0 +1,533 @@
+"""`levante serve`: the OpenAI-compatible HTTP server.
+
+The port opens at once and answers 503 until the model has loaded (so orchestrators can tell
+"starting" from "dead"); SIGTERM stops new requests with 503, lets the ones in flight finish
+(bounded by --shutdown-timeout) and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from levante.api import protocol
+from levante.api.errors import APIError, bad_request, install
+from levante.api.images import ImagePolicy, resolve_messages
+from levante.api.metrics import Metrics, RequestTracker
+from levante.api.responses import Choice, chat_chunks, chat_response, completion_chunks, completion_response
+from levante.engine import AsyncEngine, Engine, EngineConfig, RequestError, SamplingParams
+from levante.engine.engine import Output
+from levante.errors import LevanteError, TokenizerError
+from levante.tokenizer import PromptInputs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None  # None: the demo model
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "float32"
+    device: str = "cpu"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    api_key: str | None = None
+    generation_config: str = "auto"  # auto (the model's file), vllm (none) or a directory
+    images: ImagePolicy = field(default_factory=ImagePolicy)
+    max_queue: int = 256  # waiting sequences beyond which requests get 429
+    max_request_bytes: int = 64 * 1024 * 1024
+    shutdown_timeout: float = 30.0
+    log_prompts: bool = False
+    default_system_prompt: bool = True
+
+
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(setting: str, model_path: Path) -> dict[str, Any]:
+    """Server-side sampling defaults from a generation_config.json, as vLLM's --generation-config."""
+    if setting == "vllm":
+        return {}
+    directory = model_path if setting == "auto" else Path(setting)
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        if setting != "auto":
+            raise LevanteError(f"{path}: no such file (--generation-config)")
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LevanteError(f"{path}: not readable JSON ({e})") from None
+    return {ours: raw[theirs] for theirs, ours in _GENERATION_KEYS.items() if raw.get(theirs) is not None}
+
+
+@dataclass
+class State:
+    """What the handlers need once the model is loaded."""
+
+    engine: AsyncEngine
+    model_name: str
+    defaults: dict[str, Any]
+    metrics: Metrics
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.state: State | None = None
+        self.draining = False
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        from levante.loader import load
+
+        cfg = self.config
+        loaded = load(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, default_system_prompt=cfg.default_system_prompt
+        )
+        engine = AsyncEngine(Engine(loaded.model, loaded.tokenizer, cfg.engine))
+        path = loaded.path
+        name = cfg.served_model_name or (path.name if path.is_dir() else path.stem)
+        defaults = generation_defaults(cfg.generation_config, path if path.is_dir() else path.parent)
+        if defaults:
+            log.info("sampling defaults from generation_config.json: %s", defaults)
+        self.state = State(engine, name, defaults, Metrics(engine, name))
+        log.info("ready: serving %s as %r on http://%s:%d", loaded.path, name, cfg.host, cfg.port)
+
+    def ready(self) -> State:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.state is None:
+            raise APIError(503, "the model is still loading", code="starting", headers={"Retry-After": "5"})
+        return self.state
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    def check_model(self, state: State, model: str | None) -> None:
+        if model is not None and model != state.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+    # ---- requests into the engine -----------------------------------------------------------
+
+    def _check_room(self, state: State, prompt_len: int, params: SamplingParams, where: str) -> None:
+        limit = state.max_model_len
+        if prompt_len >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but the prompt has "
+                f"{prompt_len} tokens.",
+                where,
+                "context_length_exceeded",
+            )
+        if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
+            raise bad_request(
+                f"max_tokens is too large: {params.max_tokens} new tokens after a {prompt_len}-token "
+                f"prompt exceed the maximum context length of {limit} tokens.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        if state.engine.num_queued >= self.config.max_queue:
+            raise APIError(
+                429,
+                "the server's queue is full; retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+
+    async def submit(
+        self, state: State, inputs: PromptInputs, params: SamplingParams, rid: str, where: str
+    ) -> AsyncIterator[Output]:
+        self._check_room(state, len(inputs.tokens), params, where)
+        try:
+            return await state.engine.add_request(inputs, params, rid)
+        except RequestError as e:
+            raise bad_request(str(e), where) from None
+
+
+def _params(
+    req: protocol.SamplingFields,
+    state: State,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    try:
+        return protocol.sampling_params(
+            req, state.defaults, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+        )
+    except ValueError as e:
+        message = str(e)
+        return_field = message.split(" ")[0].split(":")[0].split(".")[0]
+        raise bad_request(message, return_field if return_field in type(req).model_fields else None) from None
+
+
+def _refuse_unsupported(req: protocol.SamplingFields) -> None:
+    name = protocol.unsupported_field(req)
+    if name is not None:
+        raise bad_request(
+            f"'{name}' is not supported yet ({protocol.UNSUPPORTED[name]}); remove it from the request",
+            name,
+            "unsupported_parameter",
+        )
+
+
+async def _merge(streams: list[AsyncIterator[Output]]) -> AsyncIterator[tuple[int, Output]]:
+    """Deltas of several engine requests (a completions batch) as they come, tagged by prompt."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, Output] | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Output]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except BaseException as e:
+            queue.put_nowait(e)
+            raise
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()  # a consumer that left early aborts every prompt's request
+
+
+async def _tracked(
+    streams: list[AsyncIterator[Output]], trackers: list[RequestTracker]
+) -> AsyncIterator[tuple[int, Output]]:
+    try:
+        async for i, out in _merge(streams):
+            trackers[i].observe(out)
+            yield i, out
+    finally:
+        for t in trackers:
+            t.finish()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs a non-streaming request, cancelling it (which aborts it in the engine) if the client
+    goes away first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "the client closed the connection")
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except (APIError, RequestError) as e:  # failed mid-stream: the client gets it as an event
+            err = e if isinstance(e, APIError) else bad_request(str(e))
+            yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if server.state is not None:
+            server.state.engine.close()
+
+    app = FastAPI(title="Levante", version=importlib.metadata.version("levante"), lifespan=lifespan)
+    install(app)
+    cfg = server.config
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
+            return APIError(413, f"the request body is over {cfg.max_request_bytes} bytes").response()
+        return await call_next(request)
+
+    def begin(request: Request, model: str | None) -> State:
+        state = server.ready()
+        server.authorize(request)
+        server.check_model(state, model)
+        return state
+
+    @app.get("/health")
+    async def health() -> Response:
+        server.ready()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": importlib.metadata.version("levante")}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        state = server.ready()
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state = begin(request, None)
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "levante",
+            "max_model_len": state.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: protocol.ChatRequest, request: Request) -> Response:
+        state = begin(request, req.model)
+        _refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = await resolve_messages(messages, cfg.images)
+        try:
+            inputs = await asyncio.to_thread(state.tokenizer.encode_chat, messages)
+        except TokenizerError as e:
+            raise bad_request(str(e), "messages") from None
+        params = _params(
+            req,
+            state,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await server.submit(state, inputs, params, rid, "messages")
+        tracker = RequestTracker(state.metrics, rid, repr(messages)[:2000] if cfg.log_prompts else None)
+        outputs = _tracked([stream], [tracker])
+        head = {"id": rid, "created": int(time.time()), "model": state.model_name}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return _sse(chat_chunks(head, outputs, params.n, state.tokenizer, include_usage))
+        choices = await _unless_disconnected(request, _collect(outputs, params.n, 1))
+        return JSONResponse(chat_response(head, choices, state.tokenizer))
+
+    @app.post("/v1/completions")
+    async def completions(req: protocol.CompletionRequest, request: Request) -> Response:
+        state = begin(request, req.model)
+        _refuse_unsupported(req)
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of other than n is not supported", "best_of")
+        prompts = _prompts(req.prompt, state)
+        logprobs = req.logprobs
+        params = _params(
+            req,
+            state,
+            max_tokens=req.max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if req.echo and logprobs is not None else None,
+        )
+        if params.max_tokens == 0 and not req.echo:
+            raise bad_request("max_tokens 0 is only useful with echo", "max_tokens")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams, trackers = [], []
+        try:
+            for i, inputs in enumerate(prompts):
+                sub_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+                streams.append(await server.submit(state, inputs, params, sub_id, "prompt"))
+                trackers.append(RequestTracker(state.metrics, sub_id, _prompt_text(req, i, cfg.log_prompts)))
+        except APIError:
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]
+            raise
+        outputs = _tracked(streams, trackers)
+        head = {"id": rid, "created": int(time.time()), "model": state.model_name}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        echo = [p.tokens for p in prompts] if req.echo else None
+        wants = logprobs is not None
+        if req.stream:
+            chunks = completion_chunks(
+                head, outputs, len(prompts), params.n, state.tokenizer, echo, wants, include_usage
+            )
+            return _sse(chunks)
+        choices = await _unless_disconnected(request, _collect(outputs, params.n, len(prompts)))
+        return JSONResponse(completion_response(head, choices, params.n, state.tokenizer, echo, wants))
+
+    @app.post("/tokenize")
+    async def tokenize(req: protocol.TokenizeRequest, request: Request) -> dict[str, Any]:
+        state = begin(request, req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        try:
+            if req.messages is not None:
+                messages = await resolve_messages(
+                    [m.model_dump(exclude_none=True) for m in req.messages], cfg.images
+                )
+                tokens = (await asyncio.to_thread(state.tokenizer.encode_chat, messages)).tokens
+            else:
+                add_bos = req.add_special_tokens and state.tokenizer.adds_bos
+                tokens = state.tokenizer.encode(req.prompt or "", add_bos=add_bos)
+        except TokenizerError as e:
+            raise bad_request(str(e), "messages") from None
+        return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(req: protocol.DetokenizeRequest, request: Request) -> dict[str, Any]:
+        state = begin(request, req.model)
+        _check_ids(req.tokens, state, "tokens")
+        return {"prompt": state.tokenizer.decode(req.tokens, skip_special=False)}
+
+    return app
+
+
+def _check_ids(ids: list[int], state: State, where: str) -> None:
+    vocab = state.engine.engine.model.config.text.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise bad_request(f"{where}: token ids outside the vocabulary [0, {vocab}): {bad[:5]}", where)
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]], state: State) -> list[PromptInputs]:
+    """OpenAI's four prompt shapes: text, texts, token ids, lists of token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]  # type: ignore[list-item]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            if not p:
+                raise bad_request("prompt must not be empty", "prompt")
+            out.append(PromptInputs(state.tokenizer.encode(p, add_bos=state.tokenizer.adds_bos)))
+        else:
+            if not p:
+                raise bad_request("prompt must not be empty", "prompt")
+            _check_ids(p, state, "prompt")
+            out.append(PromptInputs(list(p)))
+    return out
+
+
+def _prompt_text(req: protocol.CompletionRequest, i: int, enabled: bool) -> str | None:
+    if not enabled:
+        return None
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    return str(prompts[i] if i < len(prompts) else prompts)[:2000]
+
+
+async def _collect(outputs: AsyncIterator[tuple[int, Output]], n: int, num_prompts: int) -> list[Choice]:
+    choices = [Choice(index=i) for i in range(n * num_prompts)]
+    async for p, out in outputs:
+        choices[p * n + out.index].add(out)
+    return choices
+
+
+class _Uvicorn(uvicorn.Server):
+    """Flags the server as draining on the first SIGTERM/SIGINT so new requests get 503 while the
+    ones in flight finish."""
+
+    def __init__(self, config: uvicorn.Config, server: Server) -> None:
+        super().__init__(config)
+        self.levante = server
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.levante.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn re-raises the signal once it has shut down gracefully, so the process would die
+        by SIGTERM; a server that drained cleanly exits 0 instead."""
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def serve(config: ServerConfig) -> int:
+    """Runs until SIGTERM/SIGINT; the exit status for the process."""
+    server = Server(config)
+    app = create_app(server)
+    uv = _Uvicorn(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(config.shutdown_timeout),
+        ),
+        server,
+    )
+
+    def load() -> None:
+        try:
+            server.load()
+        except LevanteError as e:
+            server.load_error = str(e)
+            uv.should_exit = True
+        except Exception as e:  # an unexpected failure must stop the process, not leave it 503 forever
+            log.exception("loading the model failed")
+            server.load_error = f"{type(e).__name__}: {e}"
+            uv.should_exit = True
+
+    threading.Thread(target=load, name="levante-load", daemon=True).start()
+    uv.run()
+    if server.load_error is not None:
+        raise LevanteError(server.load_error)
+    return 0
