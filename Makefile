@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/levante generate --max-tokens 128 \
-		--prompt "In three short sentences: why is the sky blue?"
+	$(VENV)/bin/levante serve --kv-cache-memory 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check levante tests benchmarks

@@ -86,6 +86,17 @@ def generation_defaults(setting: str, model_path: Path) -> dict[str, Any]:
     return {ours: raw[theirs] for theirs, ours in _GENERATION_KEYS.items() if raw.get(theirs) is not None}
 
 
+def curl_example(cfg: ServerConfig, model_name: str) -> str:
+    """A ready-to-paste request, printed at start so a new user has something that works."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    body = {"model": model_name, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    auth = ' -H "Authorization: Bearer $LEVANTE_API_KEY"' if cfg.api_key else ""
+    return (
+        f"curl http://{host}:{cfg.port}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+        f"-d '{json.dumps(body)}'"
+    )
+
+
 @dataclass
 class State:
     """What the handlers need once the model is loaded."""
@@ -129,6 +140,7 @@ class Server:
             log.info("sampling defaults from generation_config.json: %s", defaults)
         self.state = State(engine, name, defaults, Metrics(engine, name))
         log.info("ready: serving %s as %r on http://%s:%d", loaded.path, name, cfg.host, cfg.port)
+        log.info("try it:\n%s", curl_example(cfg, name))
 
     def ready(self) -> State:
         if self.draining:
