@@ -51,6 +51,7 @@ def load_model(
     with torch.device("meta"):
         model = build_model(checkpoint.config)
     load_weights(model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress)
+    model.prepare()
     log.info("loaded %s (%s) as %s on %s", path, checkpoint.describe(), dtype, device)
     return model.eval()
 

@@ -7,10 +7,15 @@ from torch import nn
 
 from levante.config import TextConfig
 from levante.model.attention import AttentionBackend
-from levante.model.layers import GatedMLP, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from levante.model.layers import GatedMLP, RMSNorm, apply_rope, merge_linears, rope_cos_sin, rope_inv_freq
 
 
 class SelfAttention(nn.Module):
+    """Checkpoints store q, k and v apart, so they are loaded apart; `merge` then fuses them into
+    `qkv_proj`, which the forward uses (one matmul, and one rotary pass over q and k together)."""
+
+    qkv_proj: nn.Module
+
     def __init__(self, cfg: TextConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -20,13 +25,17 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
+    def merge(self) -> None:
+        self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        t, heads = x.shape[0], self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :heads], cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, heads:]
         return self.o_proj(attn(self.layer, q, k, v).reshape(t, self.num_heads * self.head_dim))
 
 

@@ -31,8 +31,48 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def merge_linears(*parts: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the parts' outputs side by side, so projections of the
+    same input run as one matmul (one pass over the input, one kernel call)."""
+    assert all(p.bias is None for p in parts), "only bias-free projections are merged"
+    merged = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device="meta")
+    merged.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    return merged
+
+
+class PackedLinear(nn.Module):
+    """A bias-free Linear whose weight oneDNN reorders once into its blocked layout. For bfloat16
+    on CPU, `F.linear` reorders the weight on every call, which costs as much as the matmul itself
+    at decode batch sizes; the packed product is bit-identical."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        assert linear.bias is None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Replaces every bias-free Linear under `module` by its `PackedLinear`."""
+    targets = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.bias is None
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear(child))
+
+
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) — the SiLU-gated MLP of Mistral, Llama and Pixtral."""
+    """down(act(gate(x)) * up(x)) — the SiLU-gated MLP of Mistral, Llama and Pixtral. Checkpoints
+    store gate and up apart, so they are loaded apart; `merge` then fuses them into `gate_up_proj`,
+    which the forward uses."""
+
+    gate_up_proj: nn.Module
 
     def __init__(self, dim: int, hidden: int, act: str) -> None:
         super().__init__()
@@ -41,8 +81,13 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.act = activation(act)
 
+    def merge(self) -> None:
+        self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
