@@ -22,7 +22,7 @@ class BatchLayout:
     prefills: list[tuple[int, int, torch.Tensor | None]]  # (first row, rows, context slots; None: no past)
     decode_rows: torch.Tensor  # [B] rows of single-token sequences
     decode_tables: torch.Tensor  # [B, blocks] their block tables, padded with block 0
-    decode_pad: torch.Tensor  # [B, blocks * block_size] True past each context's end
+    decode_lens: torch.Tensor  # [B] their context lengths, the new token included
 
 
 class TorchPagedAttention:
@@ -40,7 +40,7 @@ class TorchPagedAttention:
         kc, vc = self.store.k[layer], self.store.v[layer]  # [Hkv, slots, D]
         kc[:, layout.slots] = k.transpose(0, 1).to(kc.dtype)
         vc[:, layout.slots] = v.transpose(0, 1).to(vc.dtype)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)  # dense even when q is a slice of a wider projection
         for start, n, ctx in layout.prefills:
             if ctx is None:  # nothing cached before this chunk: its own k/v are the whole context
                 keys, values = k[start : start + n], v[start : start + n]
@@ -48,13 +48,15 @@ class TorchPagedAttention:
                 keys, values = kc[:, ctx].transpose(0, 1), vc[:, ctx].transpose(0, 1)
             out[start : start + n] = causal_attention(q[start : start + n], keys, values)
         if layout.decode_rows.numel():
-            out[layout.decode_rows] = self._decode(q[layout.decode_rows], kc, vc, layout)
+            self._decode(q, kc, vc, layout, out)
         return out
 
     def _decode(
-        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout
-    ) -> torch.Tensor:
-        """q: [B, Hq, D] -> [B, Hq, D] over each row's blocks."""
+        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout, out: torch.Tensor
+    ) -> None:
+        """Fills `out`'s decode rows from the same rows of q, each over its own blocks."""
+        rows = layout.decode_rows
+        q = q[rows]
         b, hq, d = q.shape
         hkv, bs = kc.shape[0], self.store.block_size
         blocks = layout.decode_tables.view(-1)
@@ -62,6 +64,7 @@ class TorchPagedAttention:
         values = torch.index_select(vc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)
         qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)  # [Hkv, B, g, D]
         scores = torch.matmul(qg, keys.transpose(2, 3)) * d**-0.5
-        scores.masked_fill_(layout.decode_pad[None, :, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)  # [Hkv, B, g, D]
-        return out.transpose(0, 1).reshape(b, hq, d)
+        pad = torch.arange(keys.shape[2], device=q.device) >= layout.decode_lens[:, None]  # [B, L]
+        scores.masked_fill_(pad[None, :, None, :], float("-inf"))
+        attended = torch.matmul(torch.softmax(scores, dim=-1), values)  # [Hkv, B, g, D]
+        out[rows] = attended.transpose(0, 1).reshape(b, hq, d)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from levante.engine.attention import BatchLayout, TorchPagedAttention
+from levante.engine.attention import BatchLayout
+from levante.engine.cpu_attention import paged_attention
 from levante.engine.kv_cache import KVStore
 from levante.engine.sequence import Sequence
 from levante.model import Model
@@ -15,13 +16,12 @@ class Runner:
         self.model = model
         self.device = model.decoder.embed_tokens.weight.device
         self.block_size = block_size
-        self.attention = TorchPagedAttention(store)
+        self.attention = paged_attention(store)
         self.image_token_id = model.config.image_token_id if model.vision is not None else None
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _image_rows(self, seq: Sequence, start: int, end: int) -> torch.Tensor | None:
         """The projected `[IMG]` rows that fall in tokens [start, end) of this sequence; the
@@ -39,58 +39,49 @@ class Runner:
                 seq.image_embeds = torch.cat(self.model.encode_images(pixels))
         return seq.image_embeds[before : before + inside]
 
-    def _layout(self, items: list[tuple[Sequence, int]], slots: torch.Tensor) -> BatchLayout:
-        prefills, rows, tables, lengths = [], [], [], []
-        row = 0
-        for seq, n in items:
-            end = seq.num_computed + n
-            if n == 1:
-                rows.append(row)
-                tables.append(seq.block_table)
-                lengths.append(end)
-            else:
-                past = self._slots(seq, 0, end).to(self.device) if seq.num_computed else None
-                prefills.append((row, n, past))
-            row += n
-        width = max((len(t) for t in tables), default=0)
-        padded = torch.zeros((len(tables), width), dtype=torch.long)
-        for i, table in enumerate(tables):
-            padded[i, : len(table)] = torch.tensor(table)
-        pad = (
-            torch.arange(width * self.block_size)[None, :] >= torch.tensor(lengths, dtype=torch.long)[:, None]
-        )
-        return BatchLayout(
-            slots=slots.to(self.device),
-            prefills=prefills,
-            decode_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
-            decode_tables=padded.to(self.device),
-            decode_pad=pad.to(self.device),
-        )
-
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]], full: frozenset[int] = frozenset()) -> torch.Tensor:
         """Feeds each sequence's next `n` tokens; returns float32 logits at each sequence's last fed
         token (rows of sequences still mid-prefill are simply not used), or at every fed token for
         the items whose index is in `full` (prompt logprobs), in item order."""
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         images: list[torch.Tensor] = []
         keep: list[int] = []
+        prefills: list[tuple[int, int, torch.Tensor | None]] = []
+        decode_rows: list[int] = []
+        tables: list[list[int]] = []
+        lens: list[int] = []
         for i, (seq, n) in enumerate(items):
             start, end = seq.num_computed, seq.num_computed + n
+            row = len(ids)
             ids.extend(seq.tokens[start:end])
-            positions.append(torch.arange(start, end))
-            slots.append(self._slots(seq, start, end))
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq, start, end))
+            if n == 1:
+                decode_rows.append(row)
+                tables.append(seq.block_table)
+                lens.append(end)
+            else:
+                past = self._tensor(self._slots(seq, 0, end)) if start else None
+                prefills.append((row, n, past))
             rows = self._image_rows(seq, start, end)
             if rows is not None:
                 images.append(rows)
-            keep.extend(range(len(ids) - n, len(ids)) if i in full else [len(ids) - 1])
-        self.attention.layout = self._layout(items, torch.cat(slots))
-        hidden = self.model(
-            torch.tensor(ids, device=self.device),
-            torch.cat(positions).to(self.device),
-            self.attention,
-            torch.cat(images) if images else None,
+            keep.extend(range(row, row + n) if i in full else [row + n - 1])
+        width = max(map(len, tables), default=0)
+        self.attention.layout = BatchLayout(
+            slots=self._tensor(slots),
+            prefills=prefills,
+            decode_rows=self._tensor(decode_rows),
+            decode_tables=self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width),
+            decode_lens=self._tensor(lens),
         )
-        return self.model.logits(hidden[torch.tensor(keep, device=self.device)])
+        hidden = self.model(
+            self._tensor(ids), self._tensor(positions), self.attention, torch.cat(images) if images else None
+        )
+        return self.model.logits(hidden[self._tensor(keep)])
+
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
