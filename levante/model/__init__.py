@@ -6,8 +6,8 @@ from levante.model.multimodal import Model
 
 
 def build_model(config: ModelConfig) -> Model:
-    """Builds the module tree; call under `torch.device("meta")` and let the weight loader
-    materialize each tensor, so peak memory stays at the model's size."""
+    """Builds the module tree; call under `torch.device("meta")`, let the weight loader
+    materialize each tensor (so peak memory stays at the model's size), then `Model.prepare` it."""
     return Model(config)
 
 

@@ -37,12 +37,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     else:
         rows = torch.arange(tk - tq, tk, device=q.device)[:, None]
         mask, causal = torch.arange(tk, device=q.device)[None, :] <= rows, False
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+    out = F.scaled_dot_product_attention(  # batched 4-D: 3-D inputs fall to the slow math kernel
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
         attn_mask=mask,
         is_causal=causal,
         enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
