@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import llguidance as llg
 import torch
 
+from levante.engine.grammar import GrammarError, Grammars
 from levante.engine.guard import repeating_tail
 from levante.engine.kv_cache import BlockManager, KVStore
 from levante.engine.runner import Runner
@@ -76,6 +78,7 @@ class _Track:
     pending_logprobs: list[Sample] = field(default_factory=list)
     # prompt positions scored so far ([None] for the first token); None once sent or not asked
     prompt_logprobs: list[Sample | None] | None = None
+    matcher: llg.LLMatcher | None = None  # where the sequence stands in its grammar, if it has one
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Engine:
             self.capacity / self.max_model_len,
             self.max_model_len,
         )
+        self.grammars = Grammars(tokenizer.guidance_tokenizer, text.vocab_size)
         self.stats = EngineStats()
         self._seqs: dict[str, list[Sequence]] = {}
         self._tracks: dict[int, _Track] = {}
@@ -176,6 +180,11 @@ class Engine:
         if params.repetition_detection == RepetitionDetection() and self.config.loop_guard is not None:
             params = replace(params, repetition_detection=self.config.loop_guard)
         images = self._image_spans(tokens, prompt.images)
+        grammar = params.grammar
+        try:
+            matchers = [self.grammars.matcher(grammar) for _ in range(params.n)] if grammar else []
+        except GrammarError as e:
+            raise RequestError(f"the grammar does not compile: {e}") from None
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -188,6 +197,7 @@ class Engine:
                 detok=self.tokenizer.detokenizer(skip_special=params.skip_special_tokens),
                 stops=StopStrings(params.stop, params.include_stop_str_in_output),
                 prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
+                matcher=matchers[i] if matchers else None,
             )
             self.scheduler.add(seq)
             seqs.append(seq)
@@ -265,12 +275,25 @@ class Engine:
             SampleRow(s.params, s.prompt, s.output, s.generator, self.tokenizer.eos_token_ids)
             for s, _ in sampling
         ]
+        self._mask_by_grammar([s for s, _ in sampling], rows)
         samples = sample(logits[[r for _, r in sampling]], rows)
         for (seq, _), smp in zip(sampling, samples, strict=True):
             out = self._append(seq, smp)
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _mask_by_grammar(self, seqs: list[Sequence], rows: list[SampleRow]) -> None:
+        """Gives each constrained row the tokens its grammar allows, all computed in one call."""
+        constrained = [
+            (row, matcher)
+            for seq, row in zip(seqs, rows, strict=True)
+            if (matcher := self._tracks[seq.seq_id].matcher) is not None
+        ]
+        if constrained:
+            allowed = self.grammars.allowed([m for _, m in constrained])
+            for (row, _), mask in zip(constrained, allowed, strict=True):
+                row.allowed = mask
 
     def _scores_prompt(self, seq: Sequence) -> bool:
         scored = self._tracks[seq.seq_id].prompt_logprobs
@@ -304,6 +327,8 @@ class Engine:
         text, stopped = track.stops.feed(track.detok.add(token))
         if stopped is not None:
             return self._finish(seq, "stop", stopped, text)
+        if track.matcher is not None and self._grammar_done(seq, track.matcher, token):
+            return self._finish(seq, "stop", None, text)
         if (params.max_tokens is not None and len(seq.output) >= params.max_tokens) or len(
             seq
         ) >= self.max_model_len:
@@ -312,6 +337,15 @@ class Engine:
             self.stats.loop_stops += 1
             return self._finish(seq, "repetition", None, text)
         return self._emit(seq, text)
+
+    def _grammar_done(self, seq: Sequence, matcher: llg.LLMatcher, token: int) -> bool:
+        """Advances the grammar; True once it admits nothing but the end, which is then taken as
+        reached (saving a step for EOS). A token the mask allowed is always accepted, so a refusal
+        is an llguidance fault: logged, and the answer ends rather than going on unconstrained."""
+        if matcher.consume_token(token):
+            return matcher.is_stopped()
+        log.error("request %s: grammar refused token %d: %s", seq.request_id, token, matcher.get_error())
+        return True
 
     def _emit(self, seq: Sequence, text: str, finished: bool = False) -> Output:
         track = self._tracks[seq.seq_id]

@@ -30,6 +30,7 @@ class SampleRow:
     output_ids: Sequence[int]  # presence/frequency penalties (output only, as OpenAI), min_tokens
     generator: torch.Generator | None  # the request's own; used iff temperature > 0
     eos_ids: frozenset[int]  # with stop_token_ids, masked while len(output_ids) < min_tokens
+    allowed: torch.Tensor | None = None  # bool [V] from a grammar: every other token is masked last
 
 
 @dataclass
@@ -74,6 +75,7 @@ def _adjusts(row: SampleRow) -> bool:
         or p.repetition_penalty != 1.0
         or (row.output_ids and (p.presence_penalty or p.frequency_penalty))
         or (len(row.output_ids) < p.min_tokens and (row.eos_ids or p.stop_token_ids))
+        or row.allowed is not None
     )
 
 
@@ -83,7 +85,8 @@ def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
 
 
 def _adjusted(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
-    """A copy of one row's logits after bias, penalties and min_tokens masking, in that order."""
+    """A copy of one row's logits after bias and penalties, then the grammar mask (last, so nothing
+    can push a token it forbids) or else min_tokens masking."""
     p, x = row.params, logits.clone()
     if p.logit_bias:
         bias = torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device)
@@ -96,7 +99,9 @@ def _adjusted(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
     if row.output_ids and (p.presence_penalty or p.frequency_penalty):
         ids, counts = torch.unique(_ids(row.output_ids, x.device), return_counts=True)
         x[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(x.dtype)
-    if len(row.output_ids) < p.min_tokens and (row.eos_ids or p.stop_token_ids):
+    if row.allowed is not None:  # the grammar decides where the answer may end, not min_tokens
+        x.masked_fill_(~row.allowed.to(x.device), -math.inf)
+    elif len(row.output_ids) < p.min_tokens and (row.eos_ids or p.stop_token_ids):
         x[_ids(sorted({*row.eos_ids, *p.stop_token_ids}), x.device)] = -math.inf
     return x
 

@@ -58,6 +58,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     repetition_detection: RepetitionDetection = field(default_factory=RepetitionDetection)
     priority: int = 0  # lower runs first, as in vLLM
+    grammar: str | None = None  # llguidance grammar (Lark or JSON) every generated token must follow
 
     def __post_init__(self) -> None:
         checks = [

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import llguidance as llg
 import numpy as np
 
 from levante.errors import TokenizerError
@@ -15,7 +16,19 @@ from levante.tokenizer.detokenizer import IncrementalDetokenizer
 Message = dict[str, Any]
 ToolSpec = dict[str, Any]
 
+ToolChoice = str | dict[str, Any]  # "none" | "auto" | "required" | {"type": "function", "function": {...}}
+
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class ToolCallTokens:
+    """Control tokens of the model's tool-call format: v11 writes `[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}`
+    (the `[CALL_ID]` part optional), earlier versions `[TOOL_CALLS][{"name": …, "arguments": …}]`."""
+
+    calls: int
+    args: int | None
+    call_id: int | None
 
 
 @dataclass
@@ -36,6 +49,7 @@ class Tokenizer(ABC):
     adds_bos: bool  # the model's convention for plain-text prompts (completions, `encode`)
     vocab_size: int
     image_token_id: int | None
+    tool_call_tokens: ToolCallTokens | None  # None: the model has no tool-call format
 
     @abstractmethod
     def encode_chat(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> PromptInputs:
@@ -52,6 +66,23 @@ class Tokenizer(ABC):
     @abstractmethod
     def is_special(self, token_id: int) -> bool:
         """Control tokens (BOS, EOS, `[INST]`, …) that are not text."""
+
+    @abstractmethod
+    def guidance_tokenizer(self) -> llg.LLTokenizer:
+        """The vocabulary as llguidance sees it, for grammar masks; takes ~0.5 s, so call it once."""
+
+    @abstractmethod
+    def grammar(
+        self,
+        tools: list[ToolSpec] | None,
+        tool_choice: ToolChoice | None,
+        parallel_tool_calls: bool,
+        json_schema: dict[str, Any] | None,
+    ) -> str | None:
+        """The llguidance grammar an answer must follow: tool calls in the model's own format for
+        `tools` under `tool_choice`, and/or a JSON document valid under `json_schema`. Schemas are used
+        as given (every tool is treated as strict). None: nothing to constrain. Raises TokenizerError
+        for what this model's format cannot express."""
 
     def detokenizer(self, skip_special: bool = True) -> IncrementalDetokenizer:
         """A fresh streaming decoder for one generated sequence."""

@@ -9,12 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import llguidance as llg
 import tokenizers
 
 from levante.config import read_json
 from levante.errors import TokenizerError
 from levante.tokenizer import chat_template
-from levante.tokenizer.base import Message, PromptInputs, Tokenizer, ToolSpec, check_chat
+from levante.tokenizer.base import Message, PromptInputs, Tokenizer, ToolChoice, ToolSpec, check_chat
 
 # The special-token names chat templates read (transformers passes its special_tokens_map).
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -83,6 +84,7 @@ class HFBackend(Tokenizer):
             raise TokenizerError(f"{where}: no end-of-sequence token is defined")
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.image_token_id = None
+        self.tool_call_tokens = None
 
     def encode_chat(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> PromptInputs:
         messages = _for_template(check_chat(messages, tools))
@@ -92,6 +94,25 @@ class HFBackend(Tokenizer):
             raise TokenizerError(f"{self._where}: the model has no chat template")
         text = chat_template.render(template, messages, tools, self._special_tokens)
         return PromptInputs(tokens=self.encode(text, add_bos=False))
+
+    def guidance_tokenizer(self) -> llg.LLTokenizer:
+        return llg.LLTokenizer(self._tok.to_str(), eos_token=sorted(self.eos_token_ids))
+
+    def grammar(
+        self,
+        tools: list[ToolSpec] | None,
+        tool_choice: ToolChoice | None,
+        parallel_tool_calls: bool,
+        json_schema: dict[str, Any] | None,
+    ) -> str | None:
+        """JSON output only: a chat template says how to show tools, not how the model writes a
+        call, and these models were not trained on a format we could hold them to."""
+        if tools:
+            raise TokenizerError(
+                f"{self._where}: this model has no tool-call format; tools need a Mistral model "
+                "(tekken.json). Use response_format for JSON output"
+            )
+        return None if json_schema is None else llg.LLMatcher.grammar_from_json_schema(json_schema)
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
