@@ -3,10 +3,15 @@ checked against files we did not write), and the demo GGUF."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
+from servers import ServerProcess, running
 
 from levante.loader import demo_model_path
 from levante.testing import write_model_dir
@@ -111,3 +116,31 @@ def tiny_long_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dtype=torch.float32,
     )
     return write_model_dir(tmp_path_factory.mktemp("tiny_long"), spec, seed=5)
+
+
+# ---- real servers, shared by the API test modules ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("demo_server") / "server.log"
+    with running(["--kv-cache-memory", "0.25", "--max-model-len", "2048"], log) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(demo: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{demo.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Tiny Mistral3 with vision, an API key, images fetchable from 127.0.0.1 only, and a
+    generation_config.json giving server-side defaults."""
+    model = tmp_path_factory.mktemp("tiny_served") / "tiny"
+    shutil.copytree(tiny_mistral, model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
+    args = ["--model", str(model), "--kv-cache-memory", "0.05", "--api-key", "sk-test"]
+    args += ["--allowed-media-domains", "127.0.0.1", "--served-model-name", "tiny"]
+    with running(args, model.parent / "server.log") as server:
+        yield server

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -77,3 +80,15 @@ def running(args: list[str], log: Path) -> Iterator[ServerProcess]:
         yield server
     finally:
         server.stop()
+
+
+def post(url: str, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """Raw HTTP, for bodies the openai client would not send."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, json.loads(raw) if raw else {}

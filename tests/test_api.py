@@ -9,7 +9,6 @@ import http.server
 import io
 import json
 import re
-import shutil
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from servers import ServerProcess, health, running
+from servers import ServerProcess, health, post
 
 from levante.engine import LLM, EngineConfig, SamplingParams
 from levante.tokenizer import PromptInputs, load_tokenizer
@@ -46,18 +45,6 @@ def image_message(*urls: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "what is this?"}]}]
 
 
-def post(url: str, path: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """Raw HTTP, for bodies the openai client would not send."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    raw = resp.read()
-    conn.close()
-    return resp.status, json.loads(raw) if raw else {}
-
-
 def metrics(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -67,18 +54,6 @@ def metrics(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[re.sub(r',?model_name="[^"]*"', "", name).replace("{,", "{").replace("{}", "")] = float(value)
     return out
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("demo_server") / "server.log"
-    with running(["--kv-cache-memory", "0.25", "--max-model-len", "2048"], log) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(demo: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{demo.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +75,6 @@ def image_host() -> Iterator[str]:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
     httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Tiny Mistral3 with vision, an API key, images fetchable from 127.0.0.1 only, and a
-    generation_config.json giving server-side defaults."""
-    model = tmp_path_factory.mktemp("tiny_served") / "tiny"
-    shutil.copytree(tiny_mistral, model)
-    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
-    args = ["--model", str(model), "--kv-cache-memory", "0.05", "--api-key", "sk-test"]
-    args += ["--allowed-media-domains", "127.0.0.1", "--served-model-name", "tiny"]
-    with running(args, model.parent / "server.log") as server:
-        yield server
 
 
 # ---- chat -----------------------------------------------------------------------------------
@@ -410,18 +372,18 @@ BAD: list[tuple[str, str, Any, int, str]] = [
         "repetition_detection",
     ),
     (
-        "tools not yet",
+        "tools on a model without a tool-call format",
         "/v1/chat/completions",
         {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
         400,
         "tools",
     ),
     (
-        "response_format not yet",
+        "deprecated functions",
         "/v1/chat/completions",
-        {"messages": CHAT, "response_format": {"type": "json_object"}},
+        {"messages": CHAT, "functions": [{"name": "f"}]},
         400,
-        "response_format",
+        "functions",
     ),
     (
         "prompt over context",

@@ -345,14 +345,6 @@ def test_system_prompt_file_is_the_default(prompt_dir: Path, reference: MistralT
         (
             [
                 {"role": "user", "content": "x"},
-                {"role": "assistant", "tool_calls": [oa_call("abc", "get_weather", "{}")]},
-                {"role": "tool", "tool_call_id": "abc", "content": "1"},
-            ],
-            "Tool call id was abc",
-        ),
-        (
-            [
-                {"role": "user", "content": "x"},
                 {"role": "assistant", "tool_calls": [oa_call("abcabcabc", "get_weather", "{}")]},
                 {"role": "user", "content": "y"},
             ],

@@ -1,7 +1,7 @@
 """OpenAI request bodies as pydantic models, and their translation into SamplingParams.
 
 Unknown fields are refused, as OpenAI does, so that a typo (`max_token`) is a 400 instead of a
-silently ignored setting. Fields we know but cannot honour yet are refused by name too."""
+silently ignored setting. Fields we know but cannot honour are refused by name too."""
 
 from __future__ import annotations
 
@@ -42,6 +42,41 @@ class Message(Strict):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted; arguments always follow the schema (see levante.api.tools)
+
+
+class ToolDef(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = "answer"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class StreamOptions(Strict):
@@ -90,11 +125,11 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # function calling and structured output have their own issue; refused by name until then
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
+    # OpenAI's deprecated predecessors of tools, refused by name
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -112,6 +147,7 @@ class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    tools: list[ToolDef] | None = None
     add_special_tokens: bool = True
 
 
@@ -121,12 +157,8 @@ class DetokenizeRequest(Strict):
 
 
 UNSUPPORTED = {
-    "tools": "function calling",
-    "tool_choice": "function calling",
-    "parallel_tool_calls": "function calling",
-    "functions": "function calling",
-    "function_call": "function calling",
-    "response_format": "structured output",
+    "functions": "deprecated by OpenAI; use tools",
+    "function_call": "deprecated by OpenAI; use tool_choice",
     "suffix": "suffix (insertion) completions",
 }
 

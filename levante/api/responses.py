@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from levante.api.tools import ToolCallParser, parse_answer
 from levante.engine.engine import Output
 from levante.engine.sampler import Sample
 from levante.tokenizer import Tokenizer
@@ -109,7 +110,21 @@ def _finish(c: Choice | Output) -> dict[str, Any]:
     return {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
 
-def chat_response(head: dict[str, Any], choices: list[Choice], tokenizer: Tokenizer) -> dict[str, Any]:
+def _message(c: Choice, tokenizer: Tokenizer, tool_names: frozenset[str] | None) -> dict[str, Any]:
+    """The assistant message and finish fields of one choice; with tools offered, calls are parsed
+    out of its token ids."""
+    if tool_names is None:
+        return {"message": {"role": "assistant", "content": c.text}, **_finish(c)}
+    content, calls, reason = parse_answer(tokenizer, tool_names, c.token_ids, c.finish_reason)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [call.as_dict() for call in calls]
+    return {"message": message, "finish_reason": reason, "stop_reason": c.stop_reason}
+
+
+def chat_response(
+    head: dict[str, Any], choices: list[Choice], tokenizer: Tokenizer, tool_names: frozenset[str] | None
+) -> dict[str, Any]:
     wants_logprobs = any(c.logprobs for c in choices)
     return {
         **head,
@@ -117,14 +132,24 @@ def chat_response(head: dict[str, Any], choices: list[Choice], tokenizer: Tokeni
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                **_message(c, tokenizer, tool_names),
                 "logprobs": chat_logprobs(tokenizer, c.logprobs) if wants_logprobs else None,
-                **_finish(c),
             }
             for c in choices
         ],
         "usage": usage(choices, max(1, len(choices))),
     }
+
+
+def _chat_delta(out: Output, parser: ToolCallParser | None) -> tuple[dict[str, Any], str | None]:
+    """One output's delta body and, if it finished, its finish reason."""
+    if parser is None:
+        return ({"content": out.text} if out.text else {}), out.finish_reason
+    delta = parser.feed(out.token_ids, final=out.finished)
+    body: dict[str, Any] = {"content": delta.content} if delta.content else {}
+    if delta.calls:
+        body["tool_calls"] = delta.calls
+    return body, parser.finish_reason(out.finish_reason)
 
 
 async def chat_chunks(
@@ -133,9 +158,13 @@ async def chat_chunks(
     n: int,
     tokenizer: Tokenizer,
     include_usage: bool,
+    tool_names: frozenset[str] | None,
 ) -> AsyncIterator[dict[str, Any]]:
+    """With tools offered, calls are streamed as OpenAI does: a first entry per call with its index,
+    id, type and name, then argument fragments; content before them as content deltas."""
     head = {**head, "object": "chat.completion.chunk"}
     choices = [Choice(index=i) for i in range(n)]
+    parsers = [ToolCallParser(tokenizer, tool_names) if tool_names is not None else None for _ in range(n)]
     for i in range(n):
         yield {
             **head,
@@ -143,17 +172,14 @@ async def chat_chunks(
         }
     async for _, out in outputs:
         choices[out.index].add(out)
-        if out.text or out.logprobs:
+        body, reason = _chat_delta(out, parsers[out.index])
+        if body or out.logprobs:
             logprobs = chat_logprobs(tokenizer, out.logprobs) if out.logprobs else None
-            delta = {
-                "index": out.index,
-                "delta": {"content": out.text},
-                "logprobs": logprobs,
-                "finish_reason": None,
-            }
+            delta = {"index": out.index, "delta": body, "logprobs": logprobs, "finish_reason": None}
             yield {**head, "choices": [delta]}
         if out.finished:
-            yield {**head, "choices": [{"index": out.index, "delta": {}, **_finish(out)}]}
+            finish = {"finish_reason": reason, "stop_reason": out.stop_reason}
+            yield {**head, "choices": [{"index": out.index, "delta": {}, **finish}]}
     if include_usage:
         yield {**head, "choices": [], "usage": usage(choices, n)}
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,13 +26,14 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from levante.api import protocol
+from levante.api import protocol, tools
 from levante.api.errors import APIError, bad_request, install
 from levante.api.images import ImagePolicy, resolve_messages
 from levante.api.metrics import Metrics, RequestTracker
 from levante.api.responses import Choice, chat_chunks, chat_response, completion_chunks, completion_response
 from levante.engine import AsyncEngine, Engine, EngineConfig, RequestError, SamplingParams
 from levante.engine.engine import Output
+from levante.engine.grammar import GrammarError
 from levante.errors import LevanteError, TokenizerError
 from levante.tokenizer import PromptInputs
 
@@ -216,11 +217,24 @@ def _params(
         raise bad_request(message, return_field if return_field in type(req).model_fields else None) from None
 
 
+def _structured(req: protocol.ChatRequest, state: State) -> tools.Structured:
+    """The request's grammar, compiled here (off the engine thread, and into the engine's cache) so
+    that one the grammar engine refuses is a 400 before the request is queued."""
+    plan = tools.structured(req, state.tokenizer)
+    if plan.grammar is not None:
+        try:
+            state.engine.engine.grammars.matcher(plan.grammar)
+        except GrammarError as e:
+            where = "tools" if req.tools else "response_format"
+            raise bad_request(f"{where}: the grammar engine cannot compile the request: {e}", where) from None
+    return plan
+
+
 def _refuse_unsupported(req: protocol.SamplingFields) -> None:
     name = protocol.unsupported_field(req)
     if name is not None:
         raise bad_request(
-            f"'{name}' is not supported yet ({protocol.UNSUPPORTED[name]}); remove it from the request",
+            f"'{name}' is not supported ({protocol.UNSUPPORTED[name]}); remove it from the request",
             name,
             "unsupported_parameter",
         )
@@ -354,10 +368,12 @@ def create_app(server: Server) -> FastAPI:
         _refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        plan = await asyncio.to_thread(_structured, req, state)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         messages = await resolve_messages(messages, cfg.images)
+        specs = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
-            inputs = await asyncio.to_thread(state.tokenizer.encode_chat, messages)
+            inputs = await asyncio.to_thread(state.tokenizer.encode_chat, messages, specs)
         except TokenizerError as e:
             raise bad_request(str(e), "messages") from None
         params = _params(
@@ -366,6 +382,7 @@ def create_app(server: Server) -> FastAPI:
             max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
+        params = replace(params, grammar=plan.grammar)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await server.submit(state, inputs, params, rid, "messages")
         tracker = RequestTracker(state.metrics, rid, repr(messages)[:2000] if cfg.log_prompts else None)
@@ -373,9 +390,9 @@ def create_app(server: Server) -> FastAPI:
         head = {"id": rid, "created": int(time.time()), "model": state.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return _sse(chat_chunks(head, outputs, params.n, state.tokenizer, include_usage))
+            return _sse(chat_chunks(head, outputs, params.n, state.tokenizer, include_usage, plan.tool_names))
         choices = await _unless_disconnected(request, _collect(outputs, params.n, 1))
-        return JSONResponse(chat_response(head, choices, state.tokenizer))
+        return JSONResponse(chat_response(head, choices, state.tokenizer, plan.tool_names))
 
     @app.post("/v1/completions")
     async def completions(req: protocol.CompletionRequest, request: Request) -> Response:
@@ -428,7 +445,8 @@ def create_app(server: Server) -> FastAPI:
                 messages = await resolve_messages(
                     [m.model_dump(exclude_none=True) for m in req.messages], cfg.images
                 )
-                tokens = (await asyncio.to_thread(state.tokenizer.encode_chat, messages)).tokens
+                specs = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+                tokens = (await asyncio.to_thread(state.tokenizer.encode_chat, messages, specs)).tokens
             else:
                 add_bos = req.add_special_tokens and state.tokenizer.adds_bos
                 tokens = state.tokenizer.encode(req.prompt or "", add_bos=add_bos)
