@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +268,11 @@ def test_async_engine_streams_deltas_and_aborts_on_early_exit(tiny_llm: LLM) -> 
         async for _ in stream:
             break
         await stream.aclose()  # the client went away
-        return tokens, tiny_llm.engine.blocks.num_free
+        blocks = tiny_llm.engine.blocks
+        deadline = time.monotonic() + 1.0  # the engine thread frees them before its next step
+        while blocks.num_free != blocks.num_blocks and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return tokens, blocks.num_free
 
     try:
         tokens, free = asyncio.run(scenario())
