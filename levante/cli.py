@@ -157,7 +157,12 @@ def positive(kind: type) -> Callable[[str], Any]:
 
 def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or .gguf file (default: the SmolLM2 demo model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 where the hardware has it natively, else float32",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")

@@ -32,6 +32,14 @@ def demo_model_path() -> Path:
     return files[0]
 
 
+def auto_dtype(device: str) -> str:
+    """bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX512-BF16 or AMX); on
+    other CPUs bfloat16 is emulated and slower than float32, so float32 there."""
+    if torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 @dataclass
 class LoadedModel:
     path: Path
@@ -45,8 +53,10 @@ def load_model(
 ) -> Model:
     """Builds the model on the meta device and fills it tensor by tensor, so peak memory stays
     close to the model's own size."""
+    if dtype == "auto":
+        dtype = auto_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     checkpoint = open_checkpoint(Path(path))
     with torch.device("meta"):
         model = build_model(checkpoint.config)

@@ -170,7 +170,7 @@ def test_completions_echo_logprobs_equal_the_engines(client: openai.OpenAI) -> N
     assert r.choices[0].text.startswith(prompt)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
 
-    llm = LLM(engine=EngineConfig(kv_cache_memory=0.05))
+    llm = LLM(dtype="auto", engine=EngineConfig(kv_cache_memory=0.05))  # as the server
     ids = llm.tokenizer.encode(prompt, add_bos=llm.tokenizer.adds_bos)
     offline = llm.generate(
         PromptInputs(ids), SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2, logprobs=2)
