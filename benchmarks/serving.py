@@ -13,8 +13,8 @@ Output tokens come from the server's usage when it reports one, else one per str
 
 --levante starts `.venv/bin/levante serve --model <gguf> --port <port>` (--levante-cmd, --levante-args
 change it, e.g. --levante-args "--dtype bfloat16"); --llama-server starts that binary with one slot
-per concurrent request and 2 threads; each server is stopped before the next starts. --url
-benchmarks a server already running instead.
+per concurrent request and 2 threads; each server is stopped before the next starts. --url URL
+(labelled --name) benchmarks a server that is already running, alone or after those.
 """
 
 from __future__ import annotations
@@ -267,11 +267,12 @@ def compare(results: list[Result]) -> None:
         "E2E p50 ms": [np.percentile([q.e2e for q in r.load.requests], 50) * 1e3 for r in results],
     }
     print("\n== comparison ==")
-    print(f"{'':<28}" + "".join(f"{n:>14}" for n in names) + (f"{'levante/llama':>15}" if ratio else ""))
+    header = f"{'':<28}" + "".join(f"{n:>14}" for n in names)
+    print(header + (f"{'levante/llama-server':>22}" if ratio else ""))
     for label, values in rows.items():
         line = f"{label:<28}" + "".join(f"{v:>14.1f}" for v in values)
         if ratio:
-            line += f"{values[names.index('levante')] / values[names.index('llama-server')]:>14.2f}x"
+            line += f"{values[names.index('levante')] / values[names.index('llama-server')]:>21.2f}x"
         print(line)
 
 
