@@ -3,38 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from levante.api.tools import ToolCallParser, parse_answer
 from levante.engine.engine import Output
+from levante.engine.llm import CompletionOutput
 from levante.engine.sampler import Sample
 from levante.tokenizer import Tokenizer
 
 
 @dataclass
-class Choice:
-    """One choice's running result, folded from the engine's deltas."""
+class Choice(CompletionOutput):
+    """One choice's running result, with what the usage block and an echo need besides."""
 
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Sample] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     prompt_logprobs: list[Sample | None] | None = None
 
-    def add(self, out: Output) -> None:
-        self.text += out.text
-        self.token_ids += out.token_ids
-        self.logprobs += out.logprobs
-        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        if out.finished:
-            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+    def add(self, delta: Output) -> None:
+        super().add(delta)
+        self.prompt_tokens, self.cached_tokens = delta.prompt_tokens, delta.cached_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
 
 
 def usage(choices: list[Choice], n: int) -> dict[str, Any]:

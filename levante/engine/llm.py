@@ -28,6 +28,14 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def add(self, delta: Output) -> None:
+        """Folds one step's delta into the running result."""
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        if delta.finished:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
 
 @dataclass
 class RequestOutput:
@@ -44,16 +52,6 @@ def to_inputs(tokenizer: Tokenizer, prompt: Prompt) -> PromptInputs:
     if isinstance(prompt, str):
         return PromptInputs(tokens=tokenizer.encode(prompt, add_bos=tokenizer.adds_bos), images=[])
     return tokenizer.encode_chat(prompt)
-
-
-def accumulate(outputs: list[CompletionOutput], delta: Output) -> None:
-    """Folds one step's delta into the request's running result."""
-    out = outputs[delta.index]
-    out.text += delta.text
-    out.token_ids += delta.token_ids
-    out.logprobs += delta.logprobs
-    if delta.finished:
-        out.finish_reason, out.stop_reason = delta.finish_reason, delta.stop_reason
 
 
 class LLM:
@@ -93,7 +91,7 @@ class LLM:
         bar = tqdm(total=len(batch), disable=not use_tqdm, unit="req")
         while self.engine.has_unfinished():
             for delta in self.engine.step():
-                accumulate(results[delta.request_id].outputs, delta)
+                results[delta.request_id].outputs[delta.index].add(delta)
                 results[delta.request_id].cached_tokens = delta.cached_tokens
                 if delta.prompt_logprobs is not None:
                     results[delta.request_id].prompt_logprobs = delta.prompt_logprobs
