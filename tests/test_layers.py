@@ -17,7 +17,6 @@ def test_merged_projections_equal_the_separate_ones() -> None:
     torch.testing.assert_close(merged, torch.cat([p(x) for p in parts], dim=-1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")
 @pytest.mark.parametrize("rows", [1, 16, 300])
 def test_packed_bfloat16_linear_is_bit_identical(rows: int) -> None:
     torch.manual_seed(rows)
@@ -26,7 +25,6 @@ def test_packed_bfloat16_linear_is_bit_identical(rows: int) -> None:
     assert torch.equal(PackedLinear(linear)(x), linear(x))
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built in")
 def test_pack_linears_replaces_every_bias_free_linear() -> None:
     model = nn.Sequential(
         nn.Linear(8, 8, bias=False), nn.Sequential(nn.Linear(8, 4, bias=False)), nn.Linear(4, 2)
