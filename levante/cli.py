@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import io
 import logging
 import sys
@@ -174,6 +175,11 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+FEATURE_COMMANDS: tuple[str, ...] = ()
+"""Modules whose `register(subparsers)` adds their own subcommands (each sets `func`); they keep
+heavy imports inside the command so `levante --help` stays fast."""
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="levante", description="Serve Mistral Small 3.2 yourself.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and chosen")
@@ -220,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shutdown-timeout", type=positive(float), default=30.0, help="seconds to drain")
     s.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log")
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).register(sub)
     return ap
 
 

@@ -1,0 +1,1 @@
+"""`levante eval`: the model card's benchmarks, measured against any OpenAI-compatible endpoint."""

@@ -1,0 +1,123 @@
+"""What an eval suite is: it loads its items, runs one item against an OpenAI-compatible endpoint
+and scores it, and sums the scores up. Everything else — concurrency, the resumable cache, the
+progress bar, the results file and the report — is the runner's, so a suite stays about its
+benchmark's own rules."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from openai import AsyncOpenAI
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from levante.errors import LevanteError
+
+SAMPLES = Path(__file__).parent / "samples"
+"""Tiny samples written by us (never copied from the datasets): one `<suite>.jsonl` each."""
+
+
+class DataMissing(LevanteError):
+    """A dataset file is not in --data-dir; the message names the file and where to get it."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One benchmark question; `data` holds the suite's own fields (question, choices, tests…)."""
+
+    id: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Record:
+    """One item's outcome, a row of the results file: what was asked, what came back, its scores."""
+
+    id: str
+    prompt: Any
+    answer: Any
+    scores: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Endpoint:
+    """The model under test behind the official OpenAI client (our server, vLLM, a hosted API)."""
+
+    api: AsyncOpenAI
+    model: str
+
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
+        return await self.api.chat.completions.create(model=self.model, messages=messages, **params)
+
+    async def complete(self, prompt: str, **params: Any) -> Completion:
+        return await self.api.completions.create(model=self.model, prompt=prompt, **params)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Run-wide settings a suite may use; those that change results go into `Suite.settings()`."""
+
+    samples: int = 5  # n per task for pass@k suites
+    temperature: float | None = None  # None: the suite's own default
+    max_tokens: int | None = None  # None: the suite's own default
+    seed: int = 0
+    judge: Endpoint | None = None  # for suites scored by an LLM judge (simpleqa)
+
+
+class Suite(ABC):
+    name: ClassVar[str]
+    card: ClassVar[dict[str, float]] = {}
+    """Metric name → the model card's published number, in percent (empty when the card has none)."""
+    data_files: ClassVar[str] = ""
+    """Which files --data-dir must hold and where users get them (shown when one is missing)."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    @abstractmethod
+    def load(self, data_dir: Path | None, sample: bool) -> list[Item]:
+        """The items: the bundled sample when `sample`, else the real dataset (from a package or
+        `data_dir`); raises DataMissing naming the file when it is not there."""
+
+    def settings(self) -> dict[str, Any]:
+        """Whatever changes this suite's results besides the item (prompting, sampling, n); part
+        of the cache key, so changing one reruns the items instead of reusing stale scores."""
+        return {}
+
+    @abstractmethod
+    async def run(self, item: Item, endpoint: Endpoint) -> Record:
+        """Asks the endpoint and scores the answer. A failed sample is a score, not an exception;
+        an exception here means the item could not be run at all (the runner reports it)."""
+
+    @abstractmethod
+    def summarize(self, records: list[Record]) -> dict[str, float]:
+        """Metric name → value in percent over all records (the names `card` uses, plus extras)."""
+
+
+SUITES: dict[str, str] = {
+    "mmlu": "levante.evals.multiple_choice:MMLU",
+    "mmlu_pro": "levante.evals.multiple_choice:MMLUPro",
+    "gpqa": "levante.evals.multiple_choice:GPQA",
+    "humaneval": "levante.evals.code:HumanEval",
+    "humaneval_plus": "levante.evals.code:HumanEvalPlus",
+    "mbpp_plus": "levante.evals.code:MBPPPlus",
+    "ifeval": "levante.evals.ifeval:IFEval",
+    "docvqa": "levante.evals.vision:DocVQA",
+    "chartqa": "levante.evals.vision:ChartQA",
+    "bfcl": "levante.evals.bfcl:BFCL",
+    "loops": "levante.evals.loops:Loops",
+    "simpleqa": "levante.evals.simpleqa:SimpleQA",
+}
+"""Suite name → `module:Class`; imported on use so one suite's dependencies never slow another."""
+
+
+def suite_class(name: str) -> type[Suite]:
+    if name not in SUITES:
+        raise LevanteError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    module, _, cls = SUITES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
