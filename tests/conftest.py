@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 import torch
-from servers import ServerProcess, running
+from servers import ServerProcess, free_port, running
 
 from levante.loader import demo_model_path
 from levante.testing import write_model_dir
@@ -144,3 +148,30 @@ def tiny(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     args += ["--allowed-media-domains", "127.0.0.1", "--served-model-name", "tiny"]
     with running(args, model.parent / "server.log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A real local Ray cluster (head node, 2 CPUs) for the scale-out tests; yields its address
+    (what `RAY_ADDRESS` takes). Started with --block so stopping this process stops only it."""
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
+    port = free_port()
+    ray_cli = Path(sys.executable).parent / "ray"
+    command = [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2"]
+    command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    log = temp / "head.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        status = [str(ray_cli), "status", f"--address={address}"]
+        while subprocess.run(status, capture_output=True).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray head did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
