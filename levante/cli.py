@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, UnidentifiedImageError
 
 from levante.errors import LevanteError
+from levante.metering.cli import add_db_flag
+from levante.metering.prices import add_price_flags, prices_from_args
 
 if TYPE_CHECKING:
     from levante.engine import LLM, SamplingParams
@@ -141,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutdown_timeout=args.shutdown_timeout,
         log_prompts=args.log_prompts,
         default_system_prompt=not args.no_system_prompt,
+        usage_db=args.usage_db,
+        prices=prices_from_args(args),
     )
     logging.getLogger("levante").setLevel(logging.INFO)
     serve(config)
@@ -175,7 +179,7 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-FEATURE_COMMANDS: tuple[str, ...] = ()
+FEATURE_COMMANDS: tuple[str, ...] = ("levante.metering.cli",)
 """Modules whose `register(subparsers)` adds their own subcommands (each sets `func`); they keep
 heavy imports inside the command so `levante --help` stays fast."""
 
@@ -226,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--shutdown-timeout", type=positive(float), default=30.0, help="seconds to drain")
     s.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log")
+    add_db_flag(s, "when set, requests are metered and `levante keys` keys are accepted")
+    add_price_flags(s)
     for module in FEATURE_COMMANDS:
         importlib.import_module(module).register(sub)
     return ap

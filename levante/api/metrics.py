@@ -93,6 +93,7 @@ class RequestTracker:
         self.prompt_tokens = self.cached_tokens = 0
         self.queue_time: float | None = None
         self.reasons: list[str] = []
+        self.error = False  # the request failed in the engine (set by whoever consumes its outputs)
 
     def observe(self, out: Output) -> None:
         now = time.monotonic()

@@ -35,6 +35,8 @@ from levante.engine import AsyncEngine, Engine, EngineConfig, RequestError, Samp
 from levante.engine.engine import Output
 from levante.engine.grammar import GrammarError
 from levante.errors import LevanteError, TokenizerError
+from levante.metering.ledger import GROUPS, Entry, Key, Ledger, parse_day
+from levante.metering.prices import Prices
 from levante.tokenizer import PromptInputs
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,12 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     log_prompts: bool = False
     default_system_prompt: bool = True
+    usage_db: Path | None = None  # the SQLite usage ledger: API keys, budgets, one row per request
+    prices: Prices = field(default_factory=Prices)
+
+
+ADMIN = Key(id=None, team=None, name="--api-key", hint="", admin=True)
+"""Who a request made with the server's single --api-key is."""
 
 
 _GENERATION_KEYS = {
@@ -123,6 +131,7 @@ class Server:
         self.draining = False
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.ledger = Ledger(config.usage_db) if config.usage_db is not None else None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -150,14 +159,71 @@ class Server:
             raise APIError(503, "the model is still loading", code="starting", headers={"Retry-After": "5"})
         return self.state
 
-    def authorize(self, request: Request) -> None:
-        key = self.config.api_key
+    def authorize(self, request: Request) -> Key | None:
+        """Who is asking: the --api-key holder, a ledger key, or nobody when no key is configured."""
+        single, ledger = self.config.api_key, self.ledger
+        if single is None and (ledger is None or not ledger.has_keys()):
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(
+                401,
+                "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+            )
+        if single is not None and hmac.compare_digest(given.encode(), single.encode()):
+            return ADMIN
+        key = ledger.authenticate(given) if ledger is not None else None
         if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+        if key.revoked is not None:
+            raise APIError(401, f"The API key {key.hint}… has been revoked", code="invalid_api_key")
+        return key
+
+    def check_budget(self, caller: Key | None) -> None:
+        """A key whose own or whose team's monthly budget is spent may not start a request; one
+        already running finishes (and is billed)."""
+        reason = self.ledger.over_budget(caller) if self.ledger is not None and caller is not None else None
+        if reason is not None:
+            message = f"Budget exceeded: {reason}"
+            raise APIError(429, message, code="budget_exceeded", kind="insufficient_quota")
+
+    def settle(
+        self,
+        state: State,
+        caller: Key | None,
+        rid: str,
+        endpoint: str,
+        trackers: list[RequestTracker],
+        n: int,
+    ) -> None:
+        """Writes the request's ledger row, before its response or last chunk can reach the client."""
+        if self.ledger is None:
+            return
+        prompt = sum(t.prompt_tokens for t in trackers)
+        cached = sum(t.cached_tokens for t in trackers)
+        completion = sum(t.tokens for t in trackers)
+        reasons = [r for t in trackers for r in t.reasons]
+        if any(t.error for t in trackers):
+            reason = "error"
+        elif len(reasons) < n * len(trackers):
+            reason = "abort"
+        else:
+            reason = ",".join(sorted(set(reasons)))
+        entry = Entry(
+            request_id=rid,
+            key=caller,
+            model=state.model_name,
+            endpoint=endpoint,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=completion,
+            cost=self.config.prices.cost(prompt, cached, completion),
+            latency=time.monotonic() - min(t.start for t in trackers),
+            finish_reason=reason,
+            time=time.time(),
+        )
+        self.ledger.record(entry)
 
     def check_model(self, state: State, model: str | None) -> None:
         if model is not None and model != state.model_name:
@@ -275,15 +341,22 @@ async def _merge(streams: list[AsyncIterator[Output]]) -> AsyncIterator[tuple[in
 
 
 async def _tracked(
-    streams: list[AsyncIterator[Output]], trackers: list[RequestTracker]
+    streams: list[AsyncIterator[Output]], trackers: list[RequestTracker], settle: Callable[[], None]
 ) -> AsyncIterator[tuple[int, Output]]:
+    """Feeds the trackers and settles the request once its outputs end — however they end — with
+    no await in between, so a cancelled (disconnected) request is settled too."""
     try:
         async for i, out in _merge(streams):
             trackers[i].observe(out)
             yield i, out
+    except (RequestError, APIError):
+        for t in trackers:
+            t.error = True
+        raise
     finally:
         for t in trackers:
             t.finish()
+        settle()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -330,11 +403,21 @@ def create_app(server: Server) -> FastAPI:
             return APIError(413, f"the request body is over {cfg.max_request_bytes} bytes").response()
         return await call_next(request)
 
-    def begin(request: Request, model: str | None) -> State:
+    def begin(request: Request, model: str | None) -> tuple[State, Key | None]:
         state = server.ready()
-        server.authorize(request)
+        caller = server.authorize(request)
         server.check_model(state, model)
-        return state
+        return state, caller
+
+    def priced(usage: dict[str, Any]) -> dict[str, Any]:
+        """The request's cost (USD, at the server's prices) next to OpenAI's usage fields."""
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        cost = cfg.prices.cost(usage["prompt_tokens"], cached, usage["completion_tokens"])
+        return {**usage, "cost": cost}
+
+    async def priced_chunks(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in chunks:
+            yield {**chunk, "usage": priced(chunk["usage"])} if "usage" in chunk else chunk
 
     @app.get("/health")
     async def health() -> Response:
@@ -352,7 +435,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        state = begin(request, None)
+        state, _ = begin(request, None)
         card = {
             "id": state.model_name,
             "object": "model",
@@ -364,7 +447,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: protocol.ChatRequest, request: Request) -> Response:
-        state = begin(request, req.model)
+        state, caller = begin(request, req.model)
+        server.check_budget(caller)
         _refuse_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -385,18 +469,23 @@ def create_app(server: Server) -> FastAPI:
         params = replace(params, grammar=plan.grammar)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await server.submit(state, inputs, params, rid, "messages")
-        tracker = RequestTracker(state.metrics, rid, repr(messages)[:2000] if cfg.log_prompts else None)
-        outputs = _tracked([stream], [tracker])
+        trackers = [RequestTracker(state.metrics, rid, repr(messages)[:2000] if cfg.log_prompts else None)]
+        outputs = _tracked(
+            [stream], trackers, lambda: server.settle(state, caller, rid, "chat", trackers, params.n)
+        )
         head = {"id": rid, "created": int(time.time()), "model": state.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return _sse(chat_chunks(head, outputs, params.n, state.tokenizer, include_usage, plan.tool_names))
+            chunks = chat_chunks(head, outputs, params.n, state.tokenizer, include_usage, plan.tool_names)
+            return _sse(priced_chunks(chunks))
         choices = await _unless_disconnected(request, _collect(outputs, params.n, 1))
-        return JSONResponse(chat_response(head, choices, state.tokenizer, plan.tool_names))
+        body = chat_response(head, choices, state.tokenizer, plan.tool_names)
+        return JSONResponse({**body, "usage": priced(body["usage"])})
 
     @app.post("/v1/completions")
     async def completions(req: protocol.CompletionRequest, request: Request) -> Response:
-        state = begin(request, req.model)
+        state, caller = begin(request, req.model)
+        server.check_budget(caller)
         _refuse_unsupported(req)
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of other than n is not supported", "best_of")
@@ -422,7 +511,9 @@ def create_app(server: Server) -> FastAPI:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]
             raise
-        outputs = _tracked(streams, trackers)
+        outputs = _tracked(
+            streams, trackers, lambda: server.settle(state, caller, rid, "completions", trackers, params.n)
+        )
         head = {"id": rid, "created": int(time.time()), "model": state.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = [p.tokens for p in prompts] if req.echo else None
@@ -431,13 +522,14 @@ def create_app(server: Server) -> FastAPI:
             chunks = completion_chunks(
                 head, outputs, len(prompts), params.n, state.tokenizer, echo, wants, include_usage
             )
-            return _sse(chunks)
+            return _sse(priced_chunks(chunks))
         choices = await _unless_disconnected(request, _collect(outputs, params.n, len(prompts)))
-        return JSONResponse(completion_response(head, choices, params.n, state.tokenizer, echo, wants))
+        body = completion_response(head, choices, params.n, state.tokenizer, echo, wants)
+        return JSONResponse({**body, "usage": priced(body["usage"])})
 
     @app.post("/tokenize")
     async def tokenize(req: protocol.TokenizeRequest, request: Request) -> dict[str, Any]:
-        state = begin(request, req.model)
+        state, _ = begin(request, req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
         try:
@@ -456,9 +548,27 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/detokenize")
     async def detokenize(req: protocol.DetokenizeRequest, request: Request) -> dict[str, Any]:
-        state = begin(request, req.model)
+        state, _ = begin(request, req.model)
         _check_ids(req.tokens, state, "tokens")
         return {"prompt": state.tokenizer.decode(req.tokens, skip_special=False)}
+
+    @app.get("/v1/usage")
+    async def usage(
+        request: Request, team: str | None = None, since: str | None = None, group: str = ",".join(GROUPS)
+    ) -> dict[str, Any]:
+        """The ledger's totals per day / team / key; only for admin keys (or --api-key)."""
+        _, caller = begin(request, None)
+        if server.ledger is None:
+            raise APIError(404, "this server keeps no usage ledger (start it with --usage-db)")
+        if caller is not None and not caller.admin:
+            raise APIError(403, "reading usage needs an admin key", code="not_admin")
+        try:
+            start = parse_day(since, "since") if since else None
+            groups = tuple(g for g in group.split(",") if g)
+            rows = await asyncio.to_thread(server.ledger.report, team, start, groups)
+        except LevanteError as e:
+            raise bad_request(str(e), "since" if str(e).startswith("since") else "group") from None
+        return {"object": "list", "data": rows}
 
     return app
 

@@ -1,0 +1,1 @@
+"""Metering: prices, API keys with team budgets, and the SQLite usage ledger behind them."""
