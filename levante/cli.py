@@ -6,6 +6,7 @@ import argparse
 import base64
 import importlib
 import io
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -110,6 +111,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    ray_flags = args.replicas is not None or args.ray_autoscaling is not None or args.ray_actor_options
+    if ray_flags and not args.ray:
+        raise LevanteError("--replicas, --ray-autoscaling and --ray-actor-options need --ray")
+    if args.replicas is not None and args.ray_autoscaling is not None:
+        raise LevanteError("give --replicas or --ray-autoscaling (its min/max_replicas), not both")
     from levante.api.images import ImagePolicy
     from levante.api.server import ServerConfig, serve
     from levante.engine import EngineConfig
@@ -147,7 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prices=prices_from_args(args),
     )
     logging.getLogger("levante").setLevel(logging.INFO)
-    serve(config)
+    if args.ray:
+        from levante.distributed.ray_serve import RayServeConfig, serve_on_ray
+
+        serve_on_ray(config, RayServeConfig(args.replicas or 1, args.ray_autoscaling, args.ray_actor_options))
+    else:
+        serve(config)
 
 
 def positive(kind: type) -> Callable[[str], Any]:
@@ -158,6 +169,16 @@ def positive(kind: type) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text}")
+    return value
 
 
 def model_flags(p: argparse.ArgumentParser) -> None:
@@ -232,6 +253,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log")
     add_db_flag(s, "when set, requests are metered and `levante keys` keys are accepted")
     add_price_flags(s)
+    s.add_argument("--ray", action="store_true", help="serve through Ray Serve on the cluster in RAY_ADDRESS")
+    s.add_argument("--replicas", type=positive(int), help="engine replicas with --ray (default 1)")
+    s.add_argument(
+        "--ray-autoscaling",
+        type=json_object,
+        help='Serve\'s autoscaling_config as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4}\'',
+    )
+    s.add_argument(
+        "--ray-actor-options",
+        type=json_object,
+        default={},
+        help="Serve's ray_actor_options per replica as JSON, e.g. '{\"num_cpus\": 8}' (cuda: 1 GPU each)",
+    )
     for module in FEATURE_COMMANDS:
         importlib.import_module(module).register(sub)
     return ap

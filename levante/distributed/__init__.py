@@ -1,0 +1,1 @@
+"""Scale-out: tensor parallelism, and engine replicas on Ray (Serve and Data)."""
