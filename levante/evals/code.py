@@ -91,13 +91,13 @@ def _reachable(code: str, tree: ast.Module, entry_point: str) -> str:
             keep.add(id(node))
             todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in defined]
     lines = code.splitlines()
-    imports = (ast.Import, ast.ImportFrom)
+
+    def source(node: ast.stmt) -> str:  # from its first decorator to its last line
+        start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        return "\n".join(lines[start - 1 : node.end_lineno])
+
     return "\n".join(
-        "\n".join(
-            lines[min([n.lineno, *(d.lineno for d in getattr(n, "decorator_list", []))]) - 1 : n.end_lineno]
-        )
-        for n in tree.body
-        if isinstance(n, imports) or id(n) in keep
+        source(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom) or id(n) in keep
     )
 
 
