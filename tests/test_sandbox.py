@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,6 +159,16 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_without_namespaces_the_probe_warns_and_falls_back() -> None:
+    """In a user namespace that maps no uid, the kernel refuses to create namespaces: the probe
+    says what is not isolated and the sandbox still runs code, with rlimits."""
+    script = "import asyncio\nfrom levante.evals import sandbox\nprint(sandbox.probe())\n"
+    script += "print(asyncio.run(sandbox.run('print(6 * 7)')).output)"
+    done = subprocess.run(["unshare", "--user", sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.split() == [sandbox.RLIMITS, "42"], done.stderr
+    assert "unshare: Operation not permitted" in done.stderr and "NOT isolated" in done.stderr
 
 
 def test_rlimits_mode_still_stops_loops_and_memory_bombs() -> None:

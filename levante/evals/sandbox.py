@@ -163,7 +163,7 @@ def _libc():  # ctypes is imported here, in the launcher only
     def call(name: str, *args: object) -> None:
         if getattr(libc, name)(*args) != 0:
             errno = ctypes.get_errno()
-            raise OSError(errno, f"{name}{args[:2]}: {os.strerror(errno)}")
+            raise OSError(errno, f"{name}: {os.strerror(errno)}")
 
     def setattr_mount(path: str, recursive: bool, set_: int, clear: int) -> None:
         attr = (ctypes.c_uint64 * 4)(set_, clear, 0, 0)
