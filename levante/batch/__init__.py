@@ -1,0 +1,1 @@
+"""Batch jobs: OpenAI Batch API files run offline through the server's own API layer, resumably."""
