@@ -73,5 +73,7 @@ def run_on_ray(job: Job, config: ServerConfig, replicas: int) -> None:
         )
         for row in results.iter_rows():
             job.write(json.loads(row["record"]))
+    except ray.exceptions.RayError as e:  # the replica's own error is the last line of Ray's message
+        raise LevanteError(f"a replica failed: {str(e).strip().splitlines()[-1]}") from None
     finally:
         ray.shutdown()
