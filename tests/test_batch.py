@@ -165,12 +165,16 @@ def test_duplicate_custom_ids_are_refused_before_anything_runs(
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_a_half_written_last_line_is_cut_and_its_request_run_again(tmp_path: Path) -> None:
+def test_reopened_output_loses_its_half_line_and_refuses_a_second_writer_or_another_jobs_file(
+    tmp_path: Path,
+) -> None:
     job = write_job(tmp_path / "in.jsonl")
     output = tmp_path / "out.jsonl"
     whole = [json.dumps({"id": f"b{i}", "custom_id": f"r{i}", "response": {}, "error": None}) for i in (1, 2)]
     output.write_text("\n".join(whole) + '\n{"id": "b4", "custom_id": "r4", "respo')
     resumed = Job(job, output)
+    with pytest.raises(LevanteError, match="another levante batch is writing to this file"):
+        Job(job, output)
     resumed.close()
     assert output.read_text() == "\n".join(whole) + "\n"
     assert [line.key for line in resumed.pending][:3] == [3, "r4", "r5"]

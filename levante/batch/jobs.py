@@ -9,6 +9,7 @@ written, and a line cut short by a crash is truncated away first."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import sys
@@ -123,22 +124,30 @@ def record_key(rec: dict[str, Any]) -> str | int:
 
 class ResultFile:
     """The output JSONL, appended one whole line at a time and fsynced, so a crash loses at most
-    the line being written; opening it for more truncates such a half line."""
+    the line being written, which `repair` truncates. Locked while open: two jobs appending to one
+    file would run its requests twice."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        data = path.read_bytes() if path.exists() else b""
+        self.file = path.open("a+b")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise LevanteError(f"{path}: another levante batch is writing to this file") from None
+        self.file.seek(0)
+        data = self.file.read()
         self.end = data.rfind(b"\n") + 1  # where the whole lines end
         self.done: set[str | int] = set()
         for i, raw in enumerate(data[: self.end].splitlines(), 1):
             try:
                 self.done.add(record_key(json.loads(raw)))
             except (ValueError, KeyError, TypeError, AttributeError):
+                self.file.close()
                 raise LevanteError(f"{path}:{i}: not a batch output line; is it this job's output?") from None
 
-    def open(self) -> None:
-        self.file = self.path.open("ab")
-        if self.file.tell() > self.end:
+    def repair(self) -> None:
+        if self.file.seek(0, os.SEEK_END) > self.end:
             self.file.truncate(self.end)
             os.fsync(self.file.fileno())
 
@@ -162,11 +171,12 @@ class Job:
         keys = {line.key for line in lines}
         stray = [k for k in self.output.done if k not in keys]
         if stray:
+            self.output.close()
             raise LevanteError(
                 f"{output_path}: has results for custom_id {stray[0]!r}, which {input_path} does not have; "
                 "is it another job's output?"
             )
-        self.output.open()
+        self.output.repair()
         self.pending = [line for line in lines if line.key not in self.output.done]
         self.skipped = len(lines) - len(self.pending)
         self.ok = self.failed = self.tokens = 0
