@@ -79,9 +79,8 @@ def test_extract_code_keeps_what_the_entry_point_reaches() -> None:
         *("import math", "SCALE = 2", "def helper(x):", "    return x * SCALE"),
         *("def area(r):", "    return math.pi * helper(r)"),
     ]
-    assert (
-        extract_code("```py\ndef f():\n    return 1\nprint(f())", "f") == "def f():\n    return 1"
-    )  # cut off
+    cut_off = "```py\ndef f():\n    return 1\nprint(f(), 'the answer ran out of tok"  # unclosed, unparsable
+    assert extract_code(cut_off, "f") == "def f():\n    return 1"
     assert extract_code("def f(: nope", "f") == "def f(: nope"  # no block, not Python: as is
     assert extract_code("```python\nx = 1\n```\n```python\n@cache\ndef g():\n    return x\n```", "g") == (
         "@cache\ndef g():\n    return x"

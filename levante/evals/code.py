@@ -57,14 +57,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def extract_code(answer: str, entry_point: str) -> str:
     """The answer's markdown block that defines the entry point (else its first block, else the
-    whole answer; an unclosed block runs to the end), minus example calls, prints and tests."""
+    whole answer; an unclosed block runs to the end), cut to its longest prefix that parses,
+    minus example calls, prints and tests."""
     blocks = re.findall(r"```[ \t]*(?:python3?|py)?[^\n]*\n(.*?)(?:```|\Z)", answer, re.S | re.I) or [answer]
     code = next((b for b in blocks if re.search(rf"^\s*def {entry_point}\s*\(", b, re.M)), blocks[0])
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return code  # fails in the sandbox, with Python's own message
-    return _reachable(code, tree, entry_point)
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):  # an answer cut off mid-line keeps its complete definitions
+        try:
+            prefix = "\n".join(lines[:end])
+            return _reachable(prefix, ast.parse(prefix), entry_point)
+        except SyntaxError:
+            continue
+    return code  # not Python: fails in the sandbox, with Python's own message
 
 
 def solution(prompt: str, answer: str, entry_point: str) -> str:
