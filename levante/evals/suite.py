@@ -6,16 +6,18 @@ benchmark's own rules."""
 from __future__ import annotations
 
 import importlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
-
-from openai import AsyncOpenAI
-from openai.types import Completion
-from openai.types.chat import ChatCompletion
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from levante.errors import LevanteError
+
+if TYPE_CHECKING:  # `levante --help` lists the suites without importing the client
+    from openai import AsyncOpenAI
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
 
 SAMPLES = Path(__file__).parent / "samples"
 """Tiny samples written by us (never copied from the datasets): one `<suite>.jsonl` each."""
@@ -54,7 +56,7 @@ class Endpoint:
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
         return await self.api.chat.completions.create(model=self.model, messages=messages, **params)
 
-    async def complete(self, prompt: str, **params: Any) -> Completion:
+    async def complete(self, prompt: str | list[str], **params: Any) -> Completion:
         return await self.api.completions.create(model=self.model, prompt=prompt, **params)
 
 
@@ -67,6 +69,9 @@ class Options:
     max_tokens: int | None = None  # None: the suite's own default
     seed: int = 0
     judge: Endpoint | None = None  # for suites scored by an LLM judge (simpleqa)
+    chat_only: bool = False  # the endpoint has no /v1/completions logprobs: generative variants
+    anls_threshold: float = 0.5  # DocVQA: 0.5 the official ANLS, 0.0 Mistral's harness
+    gpqa_subset: str = "diamond"  # GPQA: diamond, main or extended
 
 
 class Suite(ABC):
@@ -84,6 +89,11 @@ class Suite(ABC):
         """The items: the bundled sample when `sample`, else the real dataset (from a package or
         `data_dir`); raises DataMissing naming the file when it is not there."""
 
+    def skip_reason(self) -> str | None:
+        """Why this suite cannot run with these options (e.g. no judge endpoint), or None; the
+        runner then reports it as skipped instead of failing every item."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         """Whatever changes this suite's results besides the item (prompting, sampling, n); part
         of the cache key, so changing one reruns the items instead of reusing stale scores."""
@@ -97,6 +107,31 @@ class Suite(ABC):
     @abstractmethod
     def summarize(self, records: list[Record]) -> dict[str, float]:
         """Metric name → value in percent over all records (the names `card` uses, plus extras)."""
+
+
+def sample_rows(suite: str) -> list[dict[str, Any]]:
+    """The bundled sample of `suite`, one JSON object a line."""
+    path = SAMPLES / f"{suite}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def data_file(data_dir: Path | None, suite: type[Suite], *parts: str) -> Path:
+    """`data_dir/parts…`, or DataMissing naming the file and where to get it."""
+    if data_dir is None:
+        raise DataMissing(f"{suite.name} needs --data-dir (or --sample); it reads {suite.data_files}")
+    path = Path(data_dir).joinpath(*parts)
+    if not path.exists():
+        raise DataMissing(f"{path} not found; {suite.name} reads {suite.data_files}")
+    return path
+
+
+def mean_percent(records: list[Record]) -> dict[str, float]:
+    """Each score name's mean over the records that have it, in percent: the usual summary."""
+    totals: dict[str, list[float]] = {}
+    for r in records:
+        for name, value in r.scores.items():
+            totals.setdefault(name, []).append(value)
+    return {name: 100 * sum(values) / len(values) for name, values in totals.items()}
 
 
 SUITES: dict[str, str] = {

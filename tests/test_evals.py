@@ -1,0 +1,274 @@
+"""`levante eval`: the scorers against hand-worked cases, every suite's sample end to end through
+the CLI against real servers, and a run killed half way that resumes from its cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from servers import ServerProcess
+
+from levante.cli import main
+from levante.evals.loops import tail_loops
+from levante.evals.multiple_choice import common_prefix, extract_gpqa, extract_letter, extract_mmlu_pro
+from levante.evals.runner import Cache
+from levante.evals.simpleqa import grade, simpleqa_metrics
+from levante.evals.suite import SUITES, DataMissing, Options, Record, suite_class
+from levante.evals.vision import anls, final_answer, relaxed_correct
+
+CLI = [sys.executable, "-m", "levante.cli", "eval"]
+NEED_TINY = ("docvqa", "chartqa", "bfcl")  # images or tools: the demo model takes neither
+ON_DEMO = [s for s in SUITES if s not in NEED_TINY and s != "mmlu"]  # mmlu: in the resume test
+
+
+# ---- scorers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "threshold", "expected"),
+    [
+        ("Paris", ["paris"], 0.5, 1.0),  # case and spacing do not count
+        ("  New   York ", ["new york"], 0.5, 1.0),
+        ("12/10/1998", ["12/10/1999"], 0.5, 0.9),  # one edit in ten characters
+        ("4821", ["$312.50", "4822"], 0.5, 0.75),  # the best of the accepted answers
+        ("ab", ["ac"], 0.5, 0.0),  # NL exactly 0.5: the official metric needs NL < 0.5
+        ("ab", ["ac"], 0.0, 0.5),  # Mistral's threshold 0.0 keeps the partial credit
+        ("abc", ["abd"], 0.5, 2 / 3),  # just inside the threshold
+        ("invoice", ["receipt"], 0.5, 0.0),  # far
+        ("invoice", ["receipt"], 0.0, 1 - 6 / 7),
+        ("", ["total"], 0.0, 0.0),
+    ],
+)
+def test_anls(prediction: str, answers: list[str], threshold: float, expected: float) -> None:
+    assert anls(prediction, answers, threshold) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "target", "correct"),
+    [
+        ("25", "25", True),
+        ("1,234", "1234", True),  # thousands separator
+        ("$5", "5", True),
+        ("105", "100", True),  # exactly 5% off
+        ("95", "100", True),
+        ("105.1", "100", False),  # just over
+        ("94.9", "100", False),
+        ("0.19", "0.2", True),  # 5% in floating point
+        ("45%", "45", True),  # a percent sign on either side, read either way
+        ("0.45", "45%", True),
+        ("46%", "0.45", True),
+        ("50%", "45", False),
+        ("0", "0", True),
+        ("0.1", "0", False),
+        ("Yes", "yes", True),
+        ("No", "Yes", False),
+        ("Rail", "Road", False),
+    ],
+)
+def test_relaxed_accuracy(prediction: str, target: str, correct: bool) -> None:
+    assert relaxed_correct(prediction, target) is correct
+
+
+def test_final_answer_is_taken_after_the_last_answer_marker() -> None:
+    reply = "The bars read 1,200 and 34.\nSo the answer: maybe.\nFinal Answer: **1,234**."
+    assert final_answer(reply) == "1,234" and relaxed_correct(final_answer(reply), "1234")
+    assert final_answer("42") == "42"
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("Speed is 120/2 = 60 km/h. The answer is (C).", "C"),
+        ("so the answer is D because the force quarters", "D"),  # no parentheses
+        ("The answer is (B). On reflection the answer is (E).", "B"),  # the first statement wins
+        ("Step 1 ...\nAnswer: A\nWait, recheck.\nAnswer: G", "G"),  # no "answer is": the last Answer:
+        ("Comparing options, I pick G over H and J here, so J", "J"),  # the last standalone letter
+        ("No idea which one is right.", None),  # nothing: no-answer, never a guess
+        ("the answer is (b)", None),  # lowercase letters are not options
+    ],
+)
+def test_mmlu_pro_cascade(reply: str, letter: str | None) -> None:
+    assert extract_mmlu_pro(reply) == letter
+
+
+def test_gpqa_and_generative_mmlu_extraction() -> None:
+    assert extract_gpqa("Let's think... The correct answer is (B)") == "B"
+    assert extract_gpqa("it must be (A) or (D); (D) fits") == "D"
+    assert extract_gpqa("E is not an option") is None
+    assert extract_letter(" B. 56") == "B"
+    assert extract_letter("The answer is C.") == "C"
+    assert extract_letter("none of them") is None
+
+
+def test_letter_scores_start_where_the_prompts_diverge() -> None:
+    tokens = [["Answer", ":", " A"], ["Answer", ":", " B"], ["Answer", ":", " C"]]
+    assert common_prefix(tokens) == 2
+    assert common_prefix([["x", ": A"], ["x", ": B"]]) == 1  # a letter merged with the colon
+
+
+def test_tail_loops_on_exact_cycles_only() -> None:
+    assert tail_loops("Sure. " + "The bell rings again. " * 8)
+    assert tail_loops("Result:" + " ok" * 40)
+    assert not tail_loops("\n".join(str(i) for i in range(1, 300)))  # counting is not a loop
+    assert not tail_loops("Lisbon is the capital of Portugal. It lies on the Tagus.")
+    assert not tail_loops("Wait....")
+
+
+def test_simpleqa_grades_and_metrics() -> None:
+    assert grade("A") == "correct" and grade("The grade is B.") == "incorrect"
+    assert grade("C") == grade("unsure") == "not_attempted"  # no letter: not attempted
+    m = simpleqa_metrics({"correct": 2, "incorrect": 1, "not_attempted": 1}, 4)
+    assert m["correct"] == 50 and m["not_attempted"] == 25
+    assert m["accuracy_given_attempted"] == pytest.approx(200 / 3)
+    assert m["f1"] == pytest.approx(100 * 2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+
+
+def test_cache_drops_a_line_cut_by_a_kill(tmp_path: Path) -> None:
+    path = tmp_path / "cache.jsonl"
+    cache = Cache(path)
+    cache.put("k1", "mmlu", Record("q1", "prompt", "A", {"accuracy": 1.0}))
+    cache.close()
+    with path.open("a") as f:
+        f.write('{"key": "k2", "suite": "mmlu", "rec')  # killed mid-write
+    cache = Cache(path)
+    assert cache.get("k1") == Record("q1", "prompt", "A", {"accuracy": 1.0}) and cache.get("k2") is None
+    cache.put("k3", "mmlu", Record("q3", "prompt", "B", {"accuracy": 0.0}))
+    cache.close()
+    assert set(Cache(path).records) == {"k1", "k3"}
+
+
+# ---- data files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mmlu", "mmlu_pro", "gpqa", "docvqa", "chartqa", "simpleqa"])
+def test_a_missing_data_file_is_named(name: str, tmp_path: Path) -> None:
+    suite = suite_class(name)(Options())
+    with pytest.raises(DataMissing, match="--data-dir"):
+        suite.load(None, sample=False)
+    with pytest.raises(DataMissing, match=str(tmp_path / name)):
+        suite.load(tmp_path, sample=False)
+
+
+def test_cli_says_which_file_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gpqa").mkdir()
+    (tmp_path / "gpqa" / "gpqa_diamond.csv").write_text("Question,Correct Answer\n")
+    assert main(["eval", "gpqa", "--data-dir", str(tmp_path), "--endpoint", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert "gpqa_diamond.csv: not GPQA's CSV" in err and "Incorrect Answer 1" in err
+
+
+def test_real_dataset_files_are_read(tmp_path: Path) -> None:
+    """The published layouts (written here by hand in their formats) load into items."""
+    mmlu = tmp_path / "mmlu"
+    for split in ("dev", "test"):
+        (mmlu / split).mkdir(parents=True)
+        (mmlu / split / f"astronomy_{split}.csv").write_text(
+            '"Which planet is red?",Venus,Mars,Earth,Jupiter,B\n'
+        )
+    items = suite_class("mmlu")(Options()).load(tmp_path, sample=False)
+    assert [i.id for i in items] == ["astronomy/0"] and len(items[0].data["shots"]) == 1
+
+    gpqa = tmp_path / "gpqa"
+    gpqa.mkdir()
+    header = "Question,Correct Answer,Incorrect Answer 1,Incorrect Answer 2,Incorrect Answer 3,Record ID\n"
+    (gpqa / "gpqa_diamond.csv").write_text(
+        header + "Which is a noble gas?,Neon,Nitrogen,Oxygen,Sodium,recX\n"
+    )
+    shot = {"question": "q", "choices": {"A": "a", "B": "b"}, "explanation": "e", "correct_answer": "A"}
+    (gpqa / "chain_of_thought_examples.json").write_text(json.dumps({"questions": [shot]}))
+    (item,) = suite_class("gpqa")(Options(seed=3)).load(tmp_path, sample=False)
+    again = suite_class("gpqa")(Options(seed=3)).load(tmp_path, sample=False)[0]
+    assert item.id == "recX" and item.data == again.data  # the shuffle is fixed by seed and id
+    assert item.data["choices"][ord(item.data["answer"]) - ord("A")] == "Neon"
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+
+def eval_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def check_outputs(out: Path, names: list[str], skipped: tuple[str, ...] = ()) -> dict[str, Any]:
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["suites"]) == sorted(names)
+    report = (out / "report.md").read_text()
+    for name in names:
+        suite = results["suites"][name]
+        if name in skipped:
+            assert suite["skipped"] and f"**{name}** skipped" in report
+            continue
+        assert suite["failures"] == {} and suite["records"] and suite["metrics"], name
+        for r in suite["records"]:
+            assert r["prompt"] and r["answer"] is not None and r["scores"], (name, r["id"])
+        for metric, value in suite["metrics"].items():
+            card = suite["card"].get(metric)
+            assert f"| {name} | {metric} | {value:.2f} | {'' if card is None else f'{card:.2f}'} |" in report
+    with Image.open(out / "report.png") as png:
+        assert png.format == "PNG" and png.width > 100
+    return results
+
+
+def test_every_text_suite_sample_runs_against_the_demo_server(demo: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    server = ["--endpoint", demo.url, "--judge-endpoint", demo.url]
+    eval_cli(
+        *ON_DEMO, *server, "--sample", "--limit", "2", "--max-tokens", "8", "--samples", "1", "--out", out
+    )
+    results = check_outputs(out, ON_DEMO)
+    assert results["suites"]["simpleqa"]["settings"]["judge"] == results["model"]
+
+
+def test_image_and_tool_suites_run_in_process_on_the_tiny_mistral(tiny_mistral: Path, tmp_path: Path) -> None:
+    """--model starts our server in this process; simpleqa without a judge is skipped, not failed;
+    --chat-only switches mmlu to its generative variant."""
+    names = [*NEED_TINY, "simpleqa", "mmlu"]
+    out = tmp_path / "tiny"
+    model = ["--model", tiny_mistral, "--dtype", "float32", "--kv-cache-memory", "0.05"]
+    done = eval_cli(
+        *names, *model, "--sample", "--limit", "2", "--max-tokens", "8", "--chat-only", "--out", out
+    )
+    results = check_outputs(out, names, skipped=("simpleqa",))
+    assert results["suites"]["mmlu"]["settings"]["mode"] == "generative"
+    assert "| docvqa | anls |" in done.stdout  # the table is printed too
+
+
+def test_a_killed_run_resumes_without_redoing_finished_items(demo: ServerProcess, tmp_path: Path) -> None:
+    """MMLU's log-likelihood scoring is greedy by nature and never reuses cached prefixes, so two
+    runs score identically however the server's cache was warmed."""
+    args = ["mmlu", "--sample", "--limit", "3", "--endpoint", demo.url, "--concurrency", "1"]
+    total = 3
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*CLI, *args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    cache = killed / "cache.jsonl"
+    deadline = time.monotonic() + 300
+    while not (cache.exists() and cache.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    finished = cache.read_text().count("\n")
+    assert 1 <= finished < total and not (killed / "results.json").exists()
+
+    eval_cli(*args, "--out", killed)
+    resumed = json.loads((killed / "results.json").read_text())["suites"]["mmlu"]
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert resumed["cached"] == finished and len(resumed["records"]) == total
+    assert sorted(e["record"]["id"] for e in lines) == sorted(
+        r["id"] for r in resumed["records"]
+    )  # none redone
+
+    eval_cli(*args, "--out", tmp_path / "whole")
+    whole = check_outputs(tmp_path / "whole", ["mmlu"])["suites"]["mmlu"]
+    assert whole["cached"] == 0 and resumed["metrics"] == whole["metrics"]
+    assert [r["answer"] for r in resumed["records"]] == [r["answer"] for r in whole["records"]]
