@@ -54,7 +54,13 @@ def make_llm(args: argparse.Namespace) -> LLM:
         max_model_len=args.max_model_len,
         loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
     )
-    return LLM(args.model, dtype=args.dtype, device=args.device, engine=config)
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        engine=config,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
 
 
 def sampling(args: argparse.Namespace) -> SamplingParams:
@@ -153,6 +159,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prices=prices_from_args(args),
     )
     logging.getLogger("levante").setLevel(logging.INFO)
+    from levante.distributed.tensor_parallel import WorkerSpec, start
+
+    if args.ray and args.tensor_parallel_size > 1:
+        raise LevanteError("--tensor-parallel-size shards one engine; with --ray, use --replicas")
+    start(args.tensor_parallel_size, WorkerSpec(args.model, args.dtype, args.device, engine))
     if args.ray:
         from levante.distributed.ray_serve import RayServeConfig, serve_on_ray
 
@@ -193,6 +204,12 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive(int),
+        default=1,
+        help="shard the model over N processes (N GPUs with --device cuda); under torchrun, its count",
+    )
     p.add_argument(
         "--no-system-prompt",
         action="store_true",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from levante.config import ModelConfig
+from levante.distributed import tensor_parallel
 from levante.errors import CheckpointError
 from levante.model import Model, build_model
 from levante.tokenizer import Tokenizer, load_tokenizer
@@ -52,7 +53,7 @@ def load_model(
     path: str | Path, *, dtype: str = "float32", device: str = "cpu", progress: bool = True
 ) -> Model:
     """Builds the model on the meta device and fills it tensor by tensor, so peak memory stays
-    close to the model's own size."""
+    close to the model's own size; inside a tensor-parallel group, to this rank's share."""
     if dtype == "auto":
         dtype = auto_dtype(device)
     if dtype not in DTYPES:
@@ -60,6 +61,9 @@ def load_model(
     checkpoint = open_checkpoint(Path(path))
     with torch.device("meta"):
         model = build_model(checkpoint.config)
+    rank, world = tensor_parallel.rank_and_world()
+    if world > 1:  # this rank's modules, and only its slices of the weights
+        checkpoint = tensor_parallel.shard(model, rank, world).select(checkpoint)
     load_weights(model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress)
     model.prepare()
     log.info("loaded %s (%s) as %s on %s", path, checkpoint.describe(), dtype, device)

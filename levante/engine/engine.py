@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import llguidance as llg
 import torch
 
+from levante.distributed import tensor_parallel
 from levante.engine.grammar import GrammarError, Grammars
 from levante.engine.guard import repeating_tail
 from levante.engine.kv_cache import BlockManager, KVStore
-from levante.engine.runner import Runner
+from levante.engine.runner import Runner, Step
 from levante.engine.sampler import Sample, SampleRow, check_vocab, raw_logprobs, sample
 from levante.engine.sampling_params import RepetitionDetection, SamplingParams
 from levante.engine.scheduler import Scheduler
@@ -94,19 +96,12 @@ class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
-        text = model.config.text
-        self.max_model_len = min(
-            config.max_model_len or text.max_position_embeddings, text.max_position_embeddings
-        )
-        device = model.decoder.embed_tokens.weight.device
-        dtype = model.decoder.embed_tokens.weight.dtype
-        per_token = KVStore.bytes_per_token(text.num_layers, text.num_kv_heads, text.head_dim, dtype)
-        num_blocks = self._num_blocks(per_token, device)
+        self.max_model_len = context_length(model, config)
+        parallel = tensor_parallel.rank_and_world()[1] > 1
+        self.runner = build_runner(model, config, tensor_parallel.broadcast_step if parallel else None)
+        store = self.runner.attention.store
+        num_blocks = store.num_blocks
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        store = KVStore(
-            text.num_layers, num_blocks, config.block_size, text.num_kv_heads, text.head_dim, dtype, device
-        )
-        self.runner = Runner(model, store, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.capacity = num_blocks * config.block_size
         log.info(
@@ -114,46 +109,17 @@ class Engine:
             num_blocks,
             config.block_size,
             self.capacity,
-            self.capacity * per_token / GiB,
+            (store.k.nbytes + store.v.nbytes) / GiB,
             self.capacity / self.max_model_len,
             self.max_model_len,
         )
-        self.grammars = Grammars(tokenizer.guidance_tokenizer, text.vocab_size)
+        self.grammars = Grammars(tokenizer.guidance_tokenizer, model.config.text.vocab_size)
         self.stats = EngineStats()
         self._seqs: dict[str, list[Sequence]] = {}
         self._tracks: dict[int, _Track] = {}
         self._next_id = 0
         self.step_log: list[list[tuple[str, int]]] = []  # per step: (request id, tokens fed), for tests
         self.keep_step_log = False
-
-    def _num_blocks(self, per_token: int, device: torch.device) -> int:
-        """KV budget: the configured GiB, else a fraction of what the device has left once the
-        model is loaded and a warm-up forward of a full token budget has shown its peak."""
-        cfg = self.config
-        if cfg.kv_cache_memory is not None:
-            budget = cfg.kv_cache_memory * GiB
-        elif device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self._warm_up(device)
-            total = torch.cuda.mem_get_info(device)[1]
-            budget = cfg.memory_fraction * total - torch.cuda.max_memory_allocated(device)
-        else:
-            budget = 0.25 * _available_cpu_memory()
-        wanted = cfg.max_num_seqs * self.max_model_len * per_token  # no use allocating beyond this
-        blocks = int(min(budget, wanted) // (per_token * cfg.block_size))
-        if blocks < 1:
-            raise RequestError(
-                "no memory left for the KV cache: lower the model size or raise --kv-cache-memory"
-            )
-        return blocks
-
-    def _warm_up(self, device: torch.device) -> None:
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        ids = torch.zeros(n, dtype=torch.long, device=device)
-        cache = DenseKVCache(len(self.model.decoder.layers))
-        cache.plan([0], [n])
-        with torch.inference_mode():
-            self.model.logits(self.model(ids, torch.arange(n, device=device), cache))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -387,6 +353,54 @@ class Engine:
     def _count_finish(self, seq: Sequence) -> None:
         reason = seq.finish_reason or "abort"
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+
+def context_length(model: Model, config: EngineConfig) -> int:
+    text = model.config.text
+    return min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+
+
+def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], None] | None = None) -> Runner:
+    """The model side of an engine: a paged KV cache as large as the device allows, and the runner
+    over it. Each tensor-parallel rank builds its own in lockstep (the warm-up forward is
+    collective), sized for the KV heads its attention layers hold; all take the smallest block
+    count, so one block table addresses every rank's cache."""
+    text = model.config.text
+    weight = model.decoder.embed_tokens.weight
+    kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
+    per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, weight.dtype)
+    num_blocks = tensor_parallel.agree(_num_blocks(model, config, per_token, weight.device))
+    if num_blocks < 1:
+        raise RequestError("no memory left for the KV cache: lower the model size or raise --kv-cache-memory")
+    store = KVStore(
+        text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, weight.dtype, weight.device
+    )
+    return Runner(model, store, config.block_size, publish)
+
+
+def _num_blocks(model: Model, config: EngineConfig, per_token: int, device: torch.device) -> int:
+    """KV budget: the configured GiB, else a fraction of what the device has left once the model
+    is loaded and a warm-up forward of a full token budget has shown its peak."""
+    max_model_len = context_length(model, config)
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory * GiB
+    elif device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        _warm_up(model, min(config.max_num_batched_tokens, max_model_len), device)
+        total = torch.cuda.mem_get_info(device)[1]
+        budget = config.memory_fraction * total - torch.cuda.max_memory_allocated(device)
+    else:
+        budget = 0.25 * _available_cpu_memory()
+    wanted = config.max_num_seqs * max_model_len * per_token  # no use allocating beyond this
+    return int(min(budget, wanted) // (per_token * config.block_size))
+
+
+def _warm_up(model: Model, n: int, device: torch.device) -> None:
+    ids = torch.zeros(n, dtype=torch.long, device=device)
+    cache = DenseKVCache(len(model.decoder.layers))
+    cache.plan([0], [n])
+    with torch.inference_mode():
+        model.logits(model(ids, torch.arange(n, device=device), cache))
 
 
 def _available_cpu_memory() -> int:

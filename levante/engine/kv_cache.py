@@ -141,7 +141,7 @@ class KVStore:
         device: torch.device | str,
     ) -> None:
         shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
-        self.block_size = block_size
+        self.num_blocks, self.block_size = num_blocks, block_size
         # zeros, not empty: batched decode reads (and masks) the unused tail of each row's last
         # block, and masked weights times NaN garbage would still be NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from levante.distributed import tensor_parallel
 from levante.engine.engine import Engine, EngineConfig, Output
 from levante.engine.sampler import Sample
 from levante.engine.sampling_params import SamplingParams
@@ -62,7 +63,13 @@ class LLM:
         dtype: str = "float32",
         device: str = "cpu",
         engine: EngineConfig | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
+        """`tensor_parallel_size` > 1 shards the model over that many processes: this one (rank 0)
+        and workers it spawns (or torchrun's, which never return from here)."""
+        engine = engine or EngineConfig()
+        spec = tensor_parallel.WorkerSpec(None if model is None else str(model), dtype, device, engine)
+        tensor_parallel.start(tensor_parallel_size, spec)
         loaded = load(model, dtype=dtype, device=device, progress=False)
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded.model, loaded.tokenizer, engine)

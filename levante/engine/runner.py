@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 
 from levante.engine.attention import BatchLayout
@@ -11,9 +14,29 @@ from levante.engine.sequence import Sequence
 from levante.model import Model
 
 
+@dataclass
+class Step:
+    """One forward's inputs, planned from the scheduled sequences: plain lists (and the image rows)
+    that rank 0 of a tensor-parallel group broadcasts so the other ranks run the same forward."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # cache slot of each token
+    # (first row, rows, context slots; None: nothing cached before the chunk)
+    prefills: list[tuple[int, int, list[int] | None]] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    keep: list[int] = field(default_factory=list)  # rows whose logits are returned
+    images: torch.Tensor | None = None  # the batch's [IMG] rows, in order
+
+
 class Runner:
-    def __init__(self, model: Model, store: KVStore, block_size: int) -> None:
+    def __init__(
+        self, model: Model, store: KVStore, block_size: int, publish: Callable[[Step], None] | None = None
+    ) -> None:
         self.model = model
+        self.publish = publish  # tensor parallelism: sends each step to the other ranks
         self.device = model.decoder.embed_tokens.weight.device
         self.block_size = block_size
         self.attention = paged_attention(store)
@@ -44,44 +67,46 @@ class Runner:
         """Feeds each sequence's next `n` tokens; returns float32 logits at each sequence's last fed
         token (rows of sequences still mid-prefill are simply not used), or at every fed token for
         the items whose index is in `full` (prompt logprobs), in item order."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        step = Step()
         images: list[torch.Tensor] = []
-        keep: list[int] = []
-        prefills: list[tuple[int, int, torch.Tensor | None]] = []
-        decode_rows: list[int] = []
-        tables: list[list[int]] = []
-        lens: list[int] = []
         for i, (seq, n) in enumerate(items):
             start, end = seq.num_computed, seq.num_computed + n
-            row = len(ids)
-            ids.extend(seq.tokens[start:end])
-            positions.extend(range(start, end))
-            slots.extend(self._slots(seq, start, end))
+            row = len(step.ids)
+            step.ids.extend(seq.tokens[start:end])
+            step.positions.extend(range(start, end))
+            step.slots.extend(self._slots(seq, start, end))
             if n == 1:
-                decode_rows.append(row)
-                tables.append(seq.block_table)
-                lens.append(end)
+                step.decode_rows.append(row)
+                step.decode_tables.append(seq.block_table)
+                step.decode_lens.append(end)
             else:
-                past = self._tensor(self._slots(seq, 0, end)) if start else None
-                prefills.append((row, n, past))
+                step.prefills.append((row, n, self._slots(seq, 0, end) if start else None))
             rows = self._image_rows(seq, start, end)
             if rows is not None:
                 images.append(rows)
-            keep.extend(range(row, row + n) if i in full else [row + n - 1])
-        width = max(map(len, tables), default=0)
+            step.keep.extend(range(row, row + n) if i in full else [row + n - 1])
+        step.images = torch.cat(images) if images else None
+        if self.publish is not None:
+            self.publish(step)
+        return self.execute(step)
+
+    @torch.inference_mode()
+    def execute(self, step: Step) -> torch.Tensor:
+        """One forward over a planned step: what every tensor-parallel rank runs in lockstep."""
+        width = max(map(len, step.decode_tables), default=0)
+        prefills = [(row, n, None if past is None else self._tensor(past)) for row, n, past in step.prefills]
         self.attention.layout = BatchLayout(
-            slots=self._tensor(slots),
+            slots=self._tensor(step.slots),
             prefills=prefills,
-            decode_rows=self._tensor(decode_rows),
-            decode_tables=self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width),
-            decode_lens=self._tensor(lens),
+            decode_rows=self._tensor(step.decode_rows),
+            decode_tables=self._tensor([t + [0] * (width - len(t)) for t in step.decode_tables]).view(
+                len(step.decode_tables), width
+            ),
+            decode_lens=self._tensor(step.decode_lens),
         )
-        hidden = self.model(
-            self._tensor(ids), self._tensor(positions), self.attention, torch.cat(images) if images else None
-        )
-        return self.model.logits(hidden[self._tensor(keep)])
+        images = None if step.images is None else step.images.to(self.device)
+        hidden = self.model(self._tensor(step.ids), self._tensor(step.positions), self.attention, images)
+        return self.model.logits(hidden[self._tensor(step.keep)])
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

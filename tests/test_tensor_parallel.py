@@ -1,0 +1,160 @@
+"""Tensor parallelism on CPU with gloo: two real ranks (rank 0 in a child process running this file,
+rank 1 spawned by it) must give the greedy tokens and the logits of the unsharded model, each rank
+holding its share of the weights. Float32 throughout, so the only difference is summation order."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+from servers import running
+
+from levante.distributed import tensor_parallel
+from levante.engine import LLM, EngineConfig, SamplingParams
+from levante.model import build_model
+
+ENGINE = EngineConfig(kv_cache_memory=0.05, max_model_len=1024, max_num_batched_tokens=64)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def image_url(w: int, h: int, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def prompts(with_image: bool) -> list:
+    """Two requests batched together; the first has a prompt longer than one prefill chunk (and an
+    image), so the steps mix chunked prefill, image rows and decodes."""
+    first: list[dict] = [{"type": "text", "text": "Describe the picture, then tell a story about it. " * 5}]
+    if with_image:
+        first.insert(0, {"type": "image_url", "image_url": {"url": image_url(84, 56, 1)}})
+    return [[{"role": "user", "content": first}], "Once upon a time"]
+
+
+def probe(llm: LLM, with_image: bool) -> dict:
+    """Greedy tokens and every logits row the engine computed (caught at the LM head)."""
+    logits: list[torch.Tensor] = []
+    hook = llm.engine.model.decoder.lm_head.register_forward_hook(
+        lambda _m, _i, out: logits.append(out.clone())
+    )
+    results = llm.generate(prompts(with_image), GREEDY)
+    hook.remove()
+    return {"tokens": [r.outputs[0].token_ids for r in results], "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def tiny_tp1(tiny_mistral: Path) -> LLM:
+    return LLM(tiny_mistral, engine=ENGINE)
+
+
+@pytest.fixture(scope="module")
+def demo_tp1() -> LLM:
+    return LLM(engine=ENGINE)
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Both probes at TP=2 in one fresh process: a group for each model, each stopped before the next
+    starts (rank 1 spawned by `LLM` each time); the process must exit cleanly."""
+    out = tmp_path_factory.mktemp("tp2") / "probes.pt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, __file__, str(tiny_mistral), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return torch.load(out)
+
+
+def assert_same(tp1: dict, tp2: dict) -> None:
+    assert tp2["tokens"] == tp1["tokens"]
+    assert len(tp2["logits"]) == len(tp1["logits"]) >= GREEDY.max_tokens
+    for a, b in zip(tp1["logits"], tp2["logits"], strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_tp2_equals_tp1_on_tiny_mistral3_with_an_image(tiny_tp1: LLM, tp2: dict[str, dict]) -> None:
+    assert_same(probe(tiny_tp1, with_image=True), tp2["tiny"])
+
+
+def test_tp2_equals_tp1_on_the_demo_model(demo_tp1: LLM, tp2: dict[str, dict]) -> None:
+    assert_same(probe(demo_tp1, with_image=False), tp2["demo"])
+
+
+def shards(llm: LLM, world: int) -> tuple[dict[str, torch.Size], list[dict[str, torch.Size]]]:
+    """The full model's parameter shapes and each rank's after the transform (on the meta device)."""
+    with torch.device("meta"):
+        models = [build_model(llm.engine.model.config) for _ in range(world + 1)]
+    for rank, model in enumerate(models[1:]):
+        tensor_parallel.shard(model, rank, world)
+    full, *ranks = [{n: p.shape for n, p in m.named_parameters()} for m in models]
+    return full, ranks
+
+
+def test_each_rank_holds_half_of_the_sharded_weights(tiny_tp1: LLM) -> None:
+    full, ranks = shards(tiny_tp1, 2)
+    sharded = [n for n in full if ranks[0][n] != full[n]]
+    assert {n.split(".")[-2] for n in sharded} == {
+        *("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        *("embed_tokens", "lm_head"),
+    }
+    assert all(n.startswith("decoder.") for n in sharded)  # the vision tower is not sharded
+    for n in sharded:
+        assert ranks[0][n].numel() == ranks[1][n].numel() == full[n].numel() // 2, n
+    assert all(ranks[1][n] == full[n] for n in ranks[1] if n not in sharded)  # norms replicated
+    assert any(n.startswith("vision.") for n in ranks[0])
+    assert not any(n.startswith(("vision.", "projector.")) for n in ranks[1])  # rank 0's alone
+
+
+def test_three_kv_heads_split_two_to_one_and_the_rest_in_half(demo_tp1: LLM) -> None:
+    _, ranks = shards(demo_tp1, 2)
+    q, mlp = "decoder.layers.0.self_attn.q_proj.weight", "decoder.layers.0.mlp.gate_proj.weight"
+    assert [r[q][0] for r in ranks] == [6 * 64, 3 * 64]  # 9 query heads in 3 groups of 3
+    assert [r[mlp][0] for r in ranks] == [768, 768]
+    assert [r["decoder.embed_tokens.weight"][0] for r in ranks] == [24576, 24576]
+
+
+def test_served_with_tensor_parallel_2(tiny_mistral: Path, tiny_tp1: LLM, tmp_path: Path) -> None:
+    """The real entry point: `levante serve --tensor-parallel-size 2` spawns its worker, answers the
+    openai client as TP=1 does, reports each rank's share, and exits cleanly on SIGTERM."""
+    args = ["--model", str(tiny_mistral), "--dtype", "float32", "--tensor-parallel-size", "2"]
+    args += ["--kv-cache-memory", "0.05", "--max-model-len", "1024", "--served-model-name", "tp"]
+    log = tmp_path / "server.log"
+    messages = [{"role": "user", "content": "Tell me a story about rivers."}]
+    with running(args, log) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(
+            model="tp", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+    text = log.read_text()
+    assert server.proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+    assert answer.choices[0].message.content == tiny_tp1.generate([messages], GREEDY)[0].outputs[0].text
+    share = r"rank (\d) of 2 holds \d+ of the model's \d+ parameters: (\d+) of the (\d+) sharded"
+    held = re.findall(share, text)
+    assert sorted(r for r, _, _ in held) == ["0", "1"]
+    assert all(2 * int(mine) == int(total) for _, mine, total in held)
+
+
+if __name__ == "__main__":  # rank 0 of the `tp2` fixture's process
+    tiny, out = sys.argv[1], Path(sys.argv[2])
+    results = {}
+    for name, model in (("tiny", tiny), ("demo", None)):
+        results[name] = probe(LLM(model, engine=ENGINE, tensor_parallel_size=2), with_image=name == "tiny")
+        tensor_parallel.stop()
+    torch.save(results, out)
