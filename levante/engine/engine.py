@@ -356,6 +356,7 @@ class Engine:
 
 
 def context_length(model: Model, config: EngineConfig) -> int:
+    """The longest sequence served: the configured length, never beyond the model's."""
     text = model.config.text
     return min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
 
@@ -396,6 +397,7 @@ def _num_blocks(model: Model, config: EngineConfig, per_token: int, device: torc
 
 
 def _warm_up(model: Model, n: int, device: torch.device) -> None:
+    """One forward of n tokens, so the peak memory of a full step is known before the cache is sized."""
     ids = torch.zeros(n, dtype=torch.long, device=device)
     cache = DenseKVCache(len(model.decoder.layers))
     cache.plan([0], [n])
