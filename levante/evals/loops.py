@@ -4,9 +4,10 @@ own: stress prompts that invite long, repetitive output, plus neutral controls t
 a normal answer trips the same measures. Each prompt runs at temperature 0.15 (Mistral's
 recommendation) and greedy, with the loop guard off and on (vLLM's per-request
 `repetition_detection`, at the settings of `levante serve --loop-guard`), under a large max_tokens.
-Per condition it reports the share stopped by length (never ended: the card's sense) and the
-share whose tail is an exact loop. "Off" means the request sets no guard, so it measures the model
-only against a server started without --loop-guard."""
+Per condition it reports the share stopped by length (never ended: the card's sense), the share
+whose tail is an exact loop and, with the guard on, the share the guard stopped. "Off" means the
+request sets no guard, so it measures the model only against a server started without
+--loop-guard."""
 
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ class Loops(Suite):
             answers[condition] = choice.message.content or ""
             scores[f"{group}_{condition}_length"] = float(choice.finish_reason == "length")
             scores[f"{group}_{condition}_loop"] = float(tail_loops(answers[condition]))
+            if guard == "on":
+                scores[f"{group}_{condition}_guard"] = float(choice.finish_reason == "repetition")
             tokens = reply.usage.completion_tokens if reply.usage else None
             info[condition] = {"finish_reason": choice.finish_reason, "completion_tokens": tokens}
         return Record(item.id, messages, answers, scores, info)

@@ -18,7 +18,9 @@ def rows(results: list[SuiteResult]) -> list[tuple[str, str, float, float | None
     out = []
     for r in results:
         names = [m for m in r.card if m in r.metrics] + [m for m in r.metrics if m not in r.card]
-        out += [(r.name, m, r.metrics[m], r.card.get(m), len(r.records)) for m in names]
+        for m in names:  # n: the records scored on m (a suite's subsets), else all of them
+            n = sum(m in rec.scores for rec in r.records) or len(r.records)
+            out.append((r.name, m, r.metrics[m], r.card.get(m), n))
     return out
 
 
