@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from servers import ServerProcess
@@ -186,6 +188,41 @@ def test_real_dataset_files_are_read(tmp_path: Path) -> None:
     again = suite_class("gpqa")(Options(seed=3)).load(tmp_path, sample=False)[0]
     assert item.id == "recX" and item.data == again.data  # the shuffle is fixed by seed and id
     assert item.data["choices"][ord(item.data["answer"]) - ord("A")] == "Neon"
+
+    (tmp_path / "mmlu_pro").mkdir()
+    row = {
+        "question": "q?",
+        "options": ["x", "y", "N/A"],
+        "answer": "B",
+        "cot_content": "A: y. The answer is (B).",
+        "category": "law",
+    }
+    for split, qid in (("validation", 1), ("test", 2)):
+        table = pa.Table.from_pylist([{**row, "question_id": qid}])
+        pq.write_table(table, tmp_path / "mmlu_pro" / f"{split}-00000-of-00001.parquet")
+    (item,) = suite_class("mmlu_pro")(Options()).load(tmp_path, sample=False)
+    assert item.id == "2" and item.data["options"] == ["x", "y"] and len(item.data["shots"]) == 1
+
+    (tmp_path / "docvqa" / "documents").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "docvqa" / "documents" / "p1.png")
+    qa = {"questionId": 7, "question": "Date?", "answers": ["1998"], "image": "documents/p1.png"}
+    (tmp_path / "docvqa" / "val_v1.0_withQT.json").write_text(json.dumps({"data": [qa]}))
+    (item,) = suite_class("docvqa")(Options()).load(tmp_path, sample=False)
+    assert item.id == "7" and Path(item.data["image"]).is_file()
+
+    (tmp_path / "chartqa" / "test").mkdir(parents=True)
+    for split in ("human", "augmented"):
+        chart = [{"imgname": "c.png", "query": "Max?", "label": "12"}]
+        (tmp_path / "chartqa" / "test" / f"test_{split}.json").write_text(json.dumps(chart))
+    assert [i.id for i in suite_class("chartqa")(Options()).load(tmp_path, sample=False)] == [
+        "human/0",
+        "augmented/0",
+    ]
+
+    (tmp_path / "simpleqa").mkdir()
+    (tmp_path / "simpleqa" / "simple_qa_test_set.csv").write_text('metadata,problem,answer\n"{}",Who?,Ada\n')
+    (item,) = suite_class("simpleqa")(Options()).load(tmp_path, sample=False)
+    assert item.data == {"problem": "Who?", "answer": "Ada"}
 
 
 # ---- end to end ------------------------------------------------------------------------------

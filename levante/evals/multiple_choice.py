@@ -10,6 +10,7 @@ import csv
 import json
 import random
 import re
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from levante.evals.suite import (
     Record,
     Suite,
     data_file,
+    greedy_params,
     mean_percent,
     sample_rows,
 )
@@ -75,16 +77,12 @@ class ChoiceSuite(Suite):
     default_max_tokens: ClassVar[int] = 2048
     extract: ClassVar[Callable[[str], str | None]]
 
+    @abstractmethod
     def prompt(self, item: Item) -> str:
-        raise NotImplementedError
+        """The whole prompt of one item, few-shot examples included."""
 
     def sampling(self) -> dict[str, Any]:
-        temperature = self.options.temperature
-        return {
-            "temperature": 0.0 if temperature is None else temperature,
-            "max_tokens": self.options.max_tokens or self.default_max_tokens,
-            "seed": self.options.seed,
-        }
+        return greedy_params(self.options, self.default_max_tokens)
 
     def settings(self) -> dict[str, Any]:
         return {"shots": self.shots, **self.sampling()}

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from levante.evals.suite import Endpoint, Item, Record, Suite, data_file, sample_rows
+from levante.evals.suite import Endpoint, Item, Record, Suite, data_file, greedy_params, sample_rows
 
 GRADES = {"A": "correct", "B": "incorrect", "C": "not_attempted"}
 
@@ -70,12 +70,7 @@ class SimpleQA(Suite):
         return [Item(r["id"], {"problem": r["problem"], "answer": r["answer"]}) for r in rows]
 
     def sampling(self) -> dict[str, Any]:
-        temperature = self.options.temperature
-        return {
-            "temperature": 0.0 if temperature is None else temperature,
-            "max_tokens": self.options.max_tokens or 512,
-            "seed": self.options.seed,
-        }
+        return greedy_params(self.options, 512)
 
     def settings(self) -> dict[str, Any]:
         judge = self.options.judge

@@ -125,6 +125,13 @@ def data_file(data_dir: Path | None, suite: type[Suite], *parts: str) -> Path:
     return path
 
 
+def greedy_params(options: Options, max_tokens: int) -> dict[str, Any]:
+    """Sampling for a suite scored on one answer: greedy unless --temperature, the suite's own
+    max_tokens unless --max-tokens, --seed."""
+    temperature = 0.0 if options.temperature is None else options.temperature
+    return {"temperature": temperature, "max_tokens": options.max_tokens or max_tokens, "seed": options.seed}
+
+
 def mean_percent(records: list[Record]) -> dict[str, float]:
     """Each score name's mean over the records that have it, in percent: the usual summary."""
     totals: dict[str, list[float]] = {}

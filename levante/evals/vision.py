@@ -8,13 +8,23 @@ import base64
 import io
 import json
 import re
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw
 
 from levante.cli import image_data_url
-from levante.evals.suite import Endpoint, Item, Record, Suite, data_file, mean_percent, sample_rows
+from levante.evals.suite import (
+    Endpoint,
+    Item,
+    Record,
+    Suite,
+    data_file,
+    greedy_params,
+    mean_percent,
+    sample_rows,
+)
 
 
 def normalize(text: str) -> str:
@@ -113,16 +123,12 @@ def draw_bars(title: str, bars: dict[str, float]) -> Image.Image:
 class VisionSuite(Suite):
     default_max_tokens: ClassVar[int]
 
+    @abstractmethod
     def instruction(self, question: str) -> str:
-        raise NotImplementedError
+        """The text sent with the image."""
 
     def sampling(self) -> dict[str, Any]:
-        temperature = self.options.temperature
-        return {
-            "temperature": 0.0 if temperature is None else temperature,
-            "max_tokens": self.options.max_tokens or self.default_max_tokens,
-            "seed": self.options.seed,
-        }
+        return greedy_params(self.options, self.default_max_tokens)
 
     def settings(self) -> dict[str, Any]:
         return self.sampling()
