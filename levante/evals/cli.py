@@ -127,6 +127,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.endpoint and args.model:
         raise LevanteError("give --endpoint or --model, not both")
+    if not 0 <= args.anls_threshold < 1:
+        raise LevanteError(f"--anls-threshold must be in [0, 1), got {args.anls_threshold}")
     judge = None
     if args.judge_endpoint:
         judge = endpoint(base_url(args.judge_endpoint), args.judge_api_key, args.judge_model, args.timeout)
