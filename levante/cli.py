@@ -217,7 +217,11 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-FEATURE_COMMANDS: tuple[str, ...] = ("levante.metering.cli",)
+FEATURE_COMMANDS: tuple[str, ...] = (
+    "levante.metering.cli",
+    "levante.batch.cli",
+    "levante.evals.cli",
+)
 """Modules whose `register(subparsers)` adds their own subcommands (each sets `func`); they keep
 heavy imports inside the command so `levante --help` stays fast."""
 
