@@ -195,12 +195,13 @@ def test_evalplus_release_files_from_data_dir(cls: type[HumanEvalPlus], tmp_path
     for where in (None, tmp_path):
         with pytest.raises(DataMissing, match=cls.file if where else "--data-dir"):
             cls(Options()).load(where, sample=False)
-    with gzip.open(tmp_path / cls.file, "wt") as f:
+    (tmp_path / cls.name).mkdir()
+    with gzip.open(tmp_path / cls.name / cls.file, "wt") as f:
         f.write((SAMPLES / f"{cls.name}.jsonl").read_text())
     assert [i.id for i in cls(Options()).load(tmp_path, sample=False)] == [
         p["task_id"] for p in rows(cls.name)
     ]
-    (tmp_path / cls.file).write_bytes(gzip.compress(b'{"task_id": "X", "prompt": ""}\n'))
+    (tmp_path / cls.name / cls.file).write_bytes(gzip.compress(b'{"task_id": "X", "prompt": ""}\n'))
     with pytest.raises(LevanteError, match=rf"{cls.file}:1: missing field 'entry_point'"):
         cls(Options()).load(tmp_path, sample=False)
 

@@ -195,7 +195,10 @@ def test_sample_covers_every_instruction_and_scores_four_numbers() -> None:
 
 
 def write(tmp_path: Path, *entries: dict) -> Path:
-    (tmp_path / "ifeval_input_data.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (tmp_path / "ifeval").mkdir(exist_ok=True)
+    (tmp_path / "ifeval" / "ifeval_input_data.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in entries)
+    )
     return tmp_path
 
 
@@ -239,6 +242,7 @@ def test_missing_data_is_named(tmp_path: Path) -> None:
         IFEval(Options()).load(tmp_path, False)
     with pytest.raises(DataMissing, match="--data-dir"):
         IFEval(Options()).load(None, False)
-    (tmp_path / "ifeval_input_data.jsonl").write_text('{"key": 1}\nnot json\n')
+    (tmp_path / "ifeval").mkdir()
+    (tmp_path / "ifeval" / "ifeval_input_data.jsonl").write_text('{"key": 1}\nnot json\n')
     with pytest.raises(LevanteError, match=r"ifeval_input_data.jsonl:2: not JSON"):
         IFEval(Options()).load(tmp_path, False)

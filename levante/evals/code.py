@@ -426,7 +426,9 @@ class HumanEvalPlus(HumanEval):
     name = "humaneval_plus"
     card: ClassVar[dict[str, float]] = {"pass@5": 92.90}
     file = "HumanEvalPlus-v0.1.10.jsonl.gz"
-    data_files = f"{file} from https://github.com/evalplus/humanevalplus_release/releases/tag/v0.1.10"
+    data_files = (
+        f"humaneval_plus/{file} from https://github.com/evalplus/humanevalplus_release/releases/tag/v0.1.10"
+    )
     fields = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input", "atol")
     plus = True
 
@@ -458,7 +460,7 @@ class MBPPPlus(HumanEvalPlus):
     name = "mbpp_plus"
     card: ClassVar[dict[str, float]] = {"pass@5": 78.33}
     file = "MbppPlus-v0.2.0.jsonl.gz"
-    data_files = f"{file} from https://github.com/evalplus/mbppplus_release/releases/tag/v0.2.0"
+    data_files = f"mbpp_plus/{file} from https://github.com/evalplus/mbppplus_release/releases/tag/v0.2.0"
 
     def inputs(self, problem: dict[str, Any], field: str) -> list:
         return mbpp_inputs(problem["task_id"], problem[field])

@@ -82,7 +82,7 @@ def parse(entry: dict[str, Any], where: str) -> Item:
 class IFEval(Suite):
     name = "ifeval"
     data_files = (
-        "ifeval_input_data.jsonl from the Hugging Face dataset google/IFEval "
+        "ifeval/ifeval_input_data.jsonl from the Hugging Face dataset google/IFEval "
         "(https://hf.barry1.top/datasets/google/IFEval, Apache-2.0)"
     )
 

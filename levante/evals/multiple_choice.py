@@ -137,7 +137,7 @@ class MMLU(ChoiceSuite):
         else:
             rows = []
             for split in ("dev", "test"):
-                folder = data_file(data_dir, type(self), "mmlu", split)
+                folder = data_file(data_dir, type(self), split)
                 for path in sorted(folder.glob(f"*_{split}.csv")):
                     rows += mmlu_csv(path, split)
             if not any(r["split"] == "test" for r in rows):
@@ -239,7 +239,7 @@ class MMLUPro(ChoiceSuite):
         else:
             rows = []
             for split in ("validation", "test"):
-                path = data_file(data_dir, type(self), "mmlu_pro", f"{split}-00000-of-00001.parquet")
+                path = data_file(data_dir, type(self), f"{split}-00000-of-00001.parquet")
                 rows += [{**r, "split": split} for r in read_parquet(path)]
         shots: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
@@ -306,8 +306,8 @@ class GPQA(ChoiceSuite):
             tests = [r for r in rows if r["split"] == "test"]
         else:
             subset = self.options.gpqa_subset
-            tests = gpqa_csv(data_file(data_dir, type(self), "gpqa", f"gpqa_{subset}.csv"))
-            path = data_file(data_dir, type(self), "gpqa", "chain_of_thought_examples.json")
+            tests = gpqa_csv(data_file(data_dir, type(self), f"gpqa_{subset}.csv"))
+            path = data_file(data_dir, type(self), "chain_of_thought_examples.json")
             shots = [
                 {
                     "question": q["question"],

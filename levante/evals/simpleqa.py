@@ -65,7 +65,7 @@ class SimpleQA(Suite):
         if sample:
             rows = sample_rows(self.name)
         else:
-            with data_file(data_dir, type(self), "simpleqa", "simple_qa_test_set.csv").open(newline="") as f:
+            with data_file(data_dir, type(self), "simple_qa_test_set.csv").open(newline="") as f:
                 rows = [{**r, "id": str(i)} for i, r in enumerate(csv.DictReader(f))]
         return [Item(r["id"], {"problem": r["problem"], "answer": r["answer"]}) for r in rows]
 

@@ -116,10 +116,11 @@ def sample_rows(suite: str) -> list[dict[str, Any]]:
 
 
 def data_file(data_dir: Path | None, suite: type[Suite], *parts: str) -> Path:
-    """`data_dir/parts…`, or DataMissing naming the file and where to get it."""
+    """`data_dir/<suite>/parts…` (one folder per suite), or DataMissing naming the file and where
+    to get it."""
     if data_dir is None:
         raise DataMissing(f"{suite.name} needs --data-dir (or --sample); it reads {suite.data_files}")
-    path = Path(data_dir).joinpath(*parts)
+    path = Path(data_dir).joinpath(suite.name, *parts)
     if not path.exists():
         raise DataMissing(f"{path} not found; {suite.name} reads {suite.data_files}")
     return path

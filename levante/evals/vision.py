@@ -165,7 +165,7 @@ class DocVQA(VisionSuite):
                 Item(r["id"], {**r, "url": png_url(draw_document(r["lines"]))})
                 for r in sample_rows(self.name)
             ]
-        path = data_file(data_dir, type(self), "docvqa", "val_v1.0_withQT.json")
+        path = data_file(data_dir, type(self), "val_v1.0_withQT.json")
         rows = json.loads(path.read_text())["data"]
         return [
             Item(
@@ -207,7 +207,7 @@ class ChartQA(VisionSuite):
             ]
         items = []
         for split in ("human", "augmented"):
-            path = data_file(data_dir, type(self), "chartqa", "test", f"test_{split}.json")
+            path = data_file(data_dir, type(self), "test", f"test_{split}.json")
             for i, r in enumerate(json.loads(path.read_text())):
                 image = str(path.parent / "png" / r["imgname"])
                 items.append(
