@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
 from levante.errors import TokenizerError
 from levante.tokenizer.hf import HFBackend
+from levante.weights.gguf_file import read_gguf
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (
@@ -49,10 +49,9 @@ _STOP_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id")
 def read_metadata(path: Path) -> dict[str, Any]:
     """Every metadata field of a GGUF file as plain Python values (str, int, float, bool, lists)."""
     try:
-        reader = GGUFReader(path)
+        return read_gguf(path).metadata
     except (OSError, ValueError, IndexError, KeyError) as e:  # truncated files fail as Index/KeyError
         raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from None
-    return {key: field.contents() for key, field in reader.fields.items()}
 
 
 def _pre_tokenizer(pre: str, where: str) -> pre_tokenizers.PreTokenizer:

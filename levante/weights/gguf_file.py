@@ -3,12 +3,15 @@ one at a time by gguf's reference code, so no quantized kernels are needed to lo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from levante.config import ModelConfig, from_gguf_fields
@@ -19,6 +22,28 @@ _T = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 
 
+@dataclass(frozen=True)
+class GGUFContents:
+    tensors: list[ReaderTensor]  # views into the memory-mapped file
+    metadata: dict[str, Any]  # every field as plain Python values
+
+
+def read_gguf(path: Path) -> GGUFContents:
+    """Parsing a GGUF file takes seconds (most of it the vocabulary), and the weights and the
+    tokenizer both need it: the last file parsed is kept, keyed by its size and mtime. Raises
+    what gguf raises on a bad file (OSError, ValueError, IndexError, KeyError)."""
+    stat = path.stat()
+    return _parse(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _parse(path: Path, mtime_ns: int, size: int) -> GGUFContents:
+    # Only plain values are kept: the reader's parsed fields (the vocabulary and merges as numpy
+    # arrays) would otherwise add ~150 MiB to the demo model's peak.
+    reader = GGUFReader(path)
+    return GGUFContents(reader.tensors, {key: field.contents() for key, field in reader.fields.items()})
+
+
 class GGUFFile:
     """An opened GGUF file whose every tensor has been checked to be present and of a
     supported type; `config` comes from its metadata."""
@@ -27,21 +52,18 @@ class GGUFFile:
         try:
             # The reader memory-maps the file and slices each tensor out of it: a truncated
             # file fails here, on the first tensor that runs past the end.
-            reader = GGUFReader(path)
+            contents = read_gguf(path)
         except (ValueError, IndexError, KeyError, OSError) as e:
             raise CheckpointError(f"{path}: not a valid GGUF file ({e})") from None
         self.path = path
-        # Only the tensors are kept: the reader's parsed metadata (the tokenizer's vocabulary and
-        # merges as numpy arrays) would otherwise add ~150 MiB to the demo model's peak.
-        self._tensors = reader.tensors
+        self._tensors = contents.tensors
         for t in self._tensors:
             if t.tensor_type not in SUPPORTED_TYPES:
                 supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
                 raise CheckpointError(
                     f"{path}: tensor {t.name} is {t.tensor_type.name}, which is not supported ({supported})"
                 )
-        fields = {key: field.contents() for key, field in reader.fields.items()}
-        self.config: ModelConfig = from_gguf_fields(fields, set(self.names()), str(path))
+        self.config: ModelConfig = from_gguf_fields(contents.metadata, set(self.names()), str(path))
 
     def files(self) -> tuple[Path, ...]:
         return (self.path,)
