@@ -20,7 +20,8 @@ from levante.metering.cli import add_db_flag
 from levante.metering.prices import add_price_flags, prices_from_args
 
 if TYPE_CHECKING:
-    from levante.engine import LLM, SamplingParams
+    from levante.api.server import ServerConfig
+    from levante.engine import LLM, EngineConfig, SamplingParams
 
 
 def image_data_url(path: Path) -> str:
@@ -44,21 +45,45 @@ def user_message(prompt: str, images: list[Path]) -> dict:
     return {"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}
 
 
-def make_llm(args: argparse.Namespace) -> LLM:
-    from levante.engine import LLM, EngineConfig
+def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
+    """The engine settings `model_flags` gives every model command, plus the command's own."""
+    from levante.engine import EngineConfig
     from levante.engine.sampling_params import LOOP_GUARD_ON
 
-    config = EngineConfig(  # one user at a time: the cache needs one sequence's worth
-        max_num_seqs=1,
+    return EngineConfig(
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
         loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
+        **extra,
     )
+
+
+def server_config(args: argparse.Namespace, engine: EngineConfig, **extra: Any) -> ServerConfig:
+    """The server settings `model_flags` (and --served-model-name) give, plus the command's own;
+    starts the tensor-parallel workers when --tensor-parallel-size asks for them."""
+    from levante.api.server import ServerConfig
+    from levante.distributed.tensor_parallel import WorkerSpec, start
+
+    start(args.tensor_parallel_size, WorkerSpec(args.model, args.dtype, args.device, engine))
+    return ServerConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        engine=engine,
+        default_system_prompt=not args.no_system_prompt,
+        **extra,
+    )
+
+
+def make_llm(args: argparse.Namespace) -> LLM:
+    from levante.engine import LLM
+
     return LLM(
         args.model,
         dtype=args.dtype,
         device=args.device,
-        engine=config,
+        engine=engine_config(args, max_num_seqs=1),  # one user at a time: one sequence's worth
         tensor_parallel_size=args.tensor_parallel_size,
     )
 
@@ -122,31 +147,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise LevanteError("--replicas, --ray-autoscaling and --ray-actor-options need --ray")
     if args.replicas is not None and args.ray_autoscaling is not None:
         raise LevanteError("give --replicas or --ray-autoscaling (its min/max_replicas), not both")
+    if args.ray and args.tensor_parallel_size > 1:
+        raise LevanteError("--tensor-parallel-size shards one engine; with --ray, use --replicas")
     from levante.api.images import ImagePolicy
-    from levante.api.server import ServerConfig, serve
-    from levante.engine import EngineConfig
-    from levante.engine.sampling_params import LOOP_GUARD_ON
+    from levante.api.server import serve
 
-    engine = EngineConfig(
-        kv_cache_memory=args.kv_cache_memory,
-        max_model_len=args.max_model_len,
+    logging.getLogger("levante").setLevel(logging.INFO)  # before any tensor-parallel worker starts
+    engine = engine_config(
+        args,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_caching=not args.no_enable_prefix_caching,
-        loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
     )
     images = ImagePolicy(
         max_images=args.limit_mm_per_prompt,
         allowed_domains=frozenset(d.strip().lower() for d in args.allowed_media_domains if d.strip()),
     )
-    config = ServerConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
+    config = server_config(
+        args,
+        engine,
         host=args.host,
         port=args.port,
-        dtype=args.dtype,
-        device=args.device,
-        engine=engine,
         api_key=args.api_key,
         generation_config=args.generation_config,
         images=images,
@@ -154,16 +175,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_request_bytes=args.max_request_bytes,
         shutdown_timeout=args.shutdown_timeout,
         log_prompts=args.log_prompts,
-        default_system_prompt=not args.no_system_prompt,
         usage_db=args.usage_db,
         prices=prices_from_args(args),
     )
-    logging.getLogger("levante").setLevel(logging.INFO)
-    from levante.distributed.tensor_parallel import WorkerSpec, start
-
-    if args.ray and args.tensor_parallel_size > 1:
-        raise LevanteError("--tensor-parallel-size shards one engine; with --ray, use --replicas")
-    start(args.tensor_parallel_size, WorkerSpec(args.model, args.dtype, args.device, engine))
     if args.ray:
         from levante.distributed.ray_serve import RayServeConfig, serve_on_ray
 

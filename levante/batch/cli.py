@@ -7,47 +7,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from levante.cli import model_flags, positive
+from levante.cli import engine_config, model_flags, positive, server_config
 from levante.errors import LevanteError
 
 
 def cmd_batch(args: argparse.Namespace) -> None:
     if args.replicas is not None and not args.ray:
         raise LevanteError("--replicas needs --ray")
+    if args.ray and args.tensor_parallel_size > 1:
+        raise LevanteError("--tensor-parallel-size shards one engine; with --ray, use --replicas")
     from levante.batch.jobs import Job
 
     job = Job(args.input, args.output)  # a bad input file fails here, before anything heavy loads
     try:
-        from levante.api.server import ServerConfig
-        from levante.engine import EngineConfig
-        from levante.engine.sampling_params import LOOP_GUARD_ON
-
-        engine = EngineConfig(
-            kv_cache_memory=args.kv_cache_memory,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
-        )
-        config = ServerConfig(
-            model=args.model,
-            served_model_name=args.served_model_name,
-            dtype=args.dtype,
-            device=args.device,
-            engine=engine,
-            max_queue=sys.maxsize,  # the job bounds what is in flight; a batch line never gets a 429
-            default_system_prompt=not args.no_system_prompt,
-        )
+        engine = engine_config(args, max_num_seqs=args.max_num_seqs)
+        # the job bounds what is in flight; a batch line never gets a 429
+        config = server_config(args, engine, max_queue=sys.maxsize)
         if args.ray:
             from levante.distributed.ray_batch import run_on_ray
 
-            if args.tensor_parallel_size > 1:
-                raise LevanteError("--tensor-parallel-size shards one engine; with --ray, use --replicas")
             run_on_ray(job, config, args.replicas or 1)
         else:
             from levante.batch.jobs import run_local
-            from levante.distributed.tensor_parallel import WorkerSpec, start
 
-            start(args.tensor_parallel_size, WorkerSpec(args.model, args.dtype, args.device, engine))
             run_local(job, config)
     finally:
         print(job.close(), file=sys.stderr)

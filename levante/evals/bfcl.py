@@ -28,7 +28,7 @@ from openai.types.chat import ChatCompletionMessage
 
 from levante.errors import LevanteError
 from levante.evals.ifeval import Refusal, ask, read_jsonl
-from levante.evals.suite import SAMPLES, DataMissing, Endpoint, Item, Record, Suite
+from levante.evals.suite import SAMPLES, DataMissing, Endpoint, Item, Record, Suite, greedy_params
 
 NO_CALL = ("irrelevance", "live_irrelevance")
 ANY_CALL = ("live_relevance",)
@@ -305,12 +305,7 @@ class BFCL(Suite):
         return [item for row in itertools.zip_longest(*groups) for item in row if item is not None]
 
     def settings(self) -> dict[str, Any]:
-        temperature = self.options.temperature
-        return {
-            "temperature": 0.0 if temperature is None else temperature,
-            "max_tokens": self.options.max_tokens or 1024,
-            "seed": self.options.seed,
-        }
+        return greedy_params(self.options, 1024)
 
     async def run(self, item: Item, endpoint: Endpoint) -> Record:
         """A refused request (a model that cannot take tools, a prompt too long) is a wrong

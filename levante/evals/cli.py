@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from levante.cli import model_flags, positive
+from levante.cli import engine_config, model_flags, positive, server_config
 from levante.errors import LevanteError
 from levante.evals.suite import SUITES, Endpoint, Item, Suite
 
@@ -85,25 +85,9 @@ def local_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """Our server on a free loopback port, in this process; yields its base URL and model name."""
     import uvicorn
 
-    from levante.api.server import Server, ServerConfig, create_app
-    from levante.engine import EngineConfig
-    from levante.engine.sampling_params import LOOP_GUARD_ON
+    from levante.api.server import Server, create_app
 
-    engine = EngineConfig(
-        kv_cache_memory=args.kv_cache_memory,
-        max_model_len=args.max_model_len,
-        loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
-    )
-    config = ServerConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
-        port=0,
-        dtype=args.dtype,
-        device=args.device,
-        engine=engine,
-        default_system_prompt=not args.no_system_prompt,
-    )
-    server = Server(config)
+    server = Server(server_config(args, engine_config(args), port=0))
     server.load()
     assert server.state is not None
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=0, log_level="warning"))

@@ -17,7 +17,7 @@ from openai.types.chat import ChatCompletion
 
 from levante.errors import LevanteError
 from levante.evals.ifeval_checks import INSTRUCTIONS, follows
-from levante.evals.suite import SAMPLES, Endpoint, Item, Record, Suite, data_file
+from levante.evals.suite import SAMPLES, Endpoint, Item, Record, Suite, data_file, greedy_params
 
 REQUEST_ERRORS = (400, 413, 422)
 """Statuses that say this request was bad for the model (prompt too long, tools it cannot take)."""
@@ -92,12 +92,7 @@ class IFEval(Suite):
         return [parse(entry, f"{path} key {entry.get('key')}") for entry in read_jsonl(path)]
 
     def settings(self) -> dict[str, Any]:
-        temperature = self.options.temperature
-        return {
-            "temperature": 0.0 if temperature is None else temperature,
-            "max_tokens": self.options.max_tokens or 1280,
-            "seed": self.options.seed,
-        }
+        return greedy_params(self.options, 1280)
 
     async def run(self, item: Item, endpoint: Endpoint) -> Record:
         """A refused request scores as an empty answer: every instruction unfollowed."""
