@@ -153,6 +153,15 @@ def test_keys_are_checked(metered: tuple[ServerProcess, Path]) -> None:
     assert "revoked" in e.value.message
 
 
+def test_revoking_every_key_does_not_open_the_server(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "u.db")
+    assert not ledger.has_keys()  # a fresh ledger: an open server, as without --usage-db
+    key, secret = ledger.create_key("t", "only")
+    ledger.revoke(key.id or 0)
+    found = ledger.authenticate(secret)
+    assert ledger.has_keys() and found is not None and found.revoked is not None
+
+
 def test_key_checks_compare_every_digest_in_constant_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

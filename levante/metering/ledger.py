@@ -158,6 +158,7 @@ class Ledger:
                     (team, name, digest(secret), secret[:7], monthly_budget, int(admin), time.time()),
                 )
                 self.db.execute("COMMIT")
+                self._version = None  # our own writes do not move data_version: reload next time
             except sqlite3.IntegrityError:
                 self.db.execute("ROLLBACK")
                 raise LevanteError(f"team {team!r} already has a key named {name!r}") from None
@@ -181,17 +182,24 @@ class Ledger:
     def revoke(self, key_id: int) -> Key:
         key = self.key(key_id)
         if key.revoked is None:
-            self.db.execute("UPDATE keys SET revoked = ? WHERE id = ?", (time.time(), key_id))
+            with self.lock:
+                self.db.execute("UPDATE keys SET revoked = ? WHERE id = ?", (time.time(), key_id))
+                self._version = None
         return self.key(key_id)
 
     def set_key_budget(self, key_id: int, usd: float | None) -> None:
         self.key(key_id)
         check_budget(usd, "budget")
-        self.db.execute("UPDATE keys SET monthly_budget = ? WHERE id = ?", (usd, key_id))
+        with self.lock:
+            self.db.execute("UPDATE keys SET monthly_budget = ? WHERE id = ?", (usd, key_id))
+            self._version = None
 
     def set_team_budget(self, team: str, usd: float | None) -> None:
         check_budget(usd, "budget")
-        if self.db.execute("UPDATE teams SET monthly_budget = ? WHERE name = ?", (usd, team)).rowcount == 0:
+        with self.lock:
+            updated = self.db.execute("UPDATE teams SET monthly_budget = ? WHERE name = ?", (usd, team))
+            self._version = None
+        if updated.rowcount == 0:
             raise LevanteError(f"no team named {team!r} (teams are created with their first key)")
 
     def team_budget(self, team: str) -> float | None:
@@ -220,9 +228,11 @@ class Ledger:
         self._team_spent = dict(self.db.execute(spent.format("team"), (month,)))
 
     def has_keys(self) -> bool:
+        """Whether requests need a key: once any was made, even if all are revoked since (revoking
+        the last key must not open the server to everyone)."""
         with self.lock:
             self._refresh()
-            return any(k.revoked is None for _, k in self._keys)
+            return bool(self._keys)
 
     def authenticate(self, presented: str) -> Key | None:
         """The key matching `presented` (possibly revoked), or None. Every stored digest is
