@@ -124,14 +124,23 @@ def test_attack_as_a_program(attack: str, tmp_path: Path, listener: socket.socke
     host_untouched(tmp_path, listener)
 
 
+SYSTEM = {"usr", "etc", "bin", "lib", "lib64", "sbin", "dev", "box", "run.py"}
+
+
 def test_a_private_root_and_an_unprivileged_uid(mode: str) -> None:
-    source = "import json, os\nopen('note', 'w').write('kept')\n"
-    source += "print(json.dumps([os.getuid(), os.getcwd(), os.listdir('/'), open('note').read()]))"
+    """The root holds the system folders, /box, and the path down to this interpreter's own
+    folders (a venv may live under /tmp or /home): nothing else of those trees shows."""
+    source = "import json, os\nopen('note', 'w').write('kept')\nroot = os.listdir('/')\n"
+    source += f"other = {{n: os.listdir('/' + n) for n in root if n not in {sorted(SYSTEM)!r}}}\n"
+    source += "print(json.dumps([os.getuid(), os.getcwd(), root, open('note').read(), other]))"
     result = run(source, mode)
-    uid, cwd, root, note = json.loads(result.output)
+    uid, cwd, root, note, other = json.loads(result.output)
     assert uid == result.uid >= 1 << 30
     assert cwd == sandbox.BOX and note == "kept"
-    assert {"usr", "dev", "box"} <= set(root) and {"tmp", "home", "proc", "var"}.isdisjoint(root)
+    assert {"usr", "dev", "box"} <= set(root) and {"proc", "var"}.isdisjoint(root)
+    interpreter = [Path(p).parts for p in (sys.prefix, sys.base_prefix, os.path.realpath(sys.executable))]
+    for top, inside in other.items():
+        assert set(inside) <= {parts[2] for parts in interpreter if parts[1] == top and len(parts) > 2}, top
 
 
 def test_output_is_capped_head_and_tail(mode: str) -> None:
