@@ -3,8 +3,11 @@ checked against files we did not write), and the demo GGUF."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,7 +156,9 @@ def tiny(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
     """A real local Ray cluster (head node, 2 CPUs) for the scale-out tests; yields its address
-    (what `RAY_ADDRESS` takes). Started with --block so stopping this process stops only it."""
+    (what `RAY_ADDRESS` takes). Started with --block in its own session, so stopping it stops only
+    this cluster: a graceful stop first, then whatever of its session is left (Ray's graceful
+    shutdown of Serve and Data workers takes half a minute, which the suite need not wait for)."""
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     port = free_port()
     ray_cli = Path(sys.executable).parent / "ray"
@@ -161,7 +166,7 @@ def ray_cluster() -> Iterator[str]:
     command += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
     log = temp / "head.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -173,5 +178,9 @@ def ray_cluster() -> Iterator[str]:
         yield address
     finally:
         proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
