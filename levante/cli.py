@@ -54,6 +54,7 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
         loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
+        batch_invariant=not args.no_batch_invariant,
         **extra,
     )
 
@@ -218,6 +219,11 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
+    p.add_argument(
+        "--no-batch-invariant",
+        action="store_true",
+        help="library matmul/attention kernels: a request's numbers may then depend on the rest of the batch",
+    )
     p.add_argument(
         "--tensor-parallel-size",
         type=positive(int),

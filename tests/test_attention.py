@@ -1,33 +1,38 @@
-"""The compiled CPU decode kernel against the pure-PyTorch paged backend (the reference) on
+"""The compiled CPU attention kernel against the pure-PyTorch paged backend (the reference) on
 random batches: prefill chunks with and without a cached past beside decode rows of varied
-lengths, blocks scattered over the cache, in float32 and bfloat16."""
+lengths, blocks scattered over the cache, in float32 and bfloat16; and the batch-invariant
+layout, where the kernel attends every row (prefill rows too) alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from levante.engine.attention import BatchLayout, TorchPagedAttention
-from levante.engine.cpu_attention import CpuPagedAttention, kernel
+from levante.engine import kernels
+from levante.engine.attention import BatchLayout, CpuPagedAttention, TorchPagedAttention
 from levante.engine.kv_cache import KVStore
 
 BLOCK, HKV, HQ, D = 16, 2, 6, 32
 
 
-def random_step(gen: torch.Generator, store: KVStore, shapes: list[tuple[int, int]]) -> BatchLayout:
+def random_step(
+    gen: torch.Generator, store: KVStore, shapes: list[tuple[int, int]], all_paged: bool = False
+) -> BatchLayout:
     """A layout for sequences given as (tokens already cached, tokens fed now), each on its own
-    random blocks; the cache's unused slots hold random values that must never leak in."""
+    random blocks; the cache's unused slots hold random values that must never leak in. Single
+    tokens are paged rows; chunks are prefills, or paged rows too with `all_paged`."""
     free = torch.randperm(store.k.shape[2] // BLOCK, generator=gen).tolist()
-    slots, prefills, rows, tables, lens, row = [], [], [], [], [], 0
+    slots, prefills, rows, seqs, tables, lens, row = [], [], [], [], [], [], 0
     for past, n in shapes:
         end = past + n
         table = [free.pop() for _ in range(-(-end // BLOCK))]
         seq_slots = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(end)]
         slots += seq_slots[past:]
-        if n == 1:
-            rows.append(row)
+        if n == 1 or all_paged:
+            rows += range(row, row + n)
+            seqs += [len(tables)] * n
+            lens += range(past + 1, end + 1)
             tables.append(table)
-            lens.append(end)
         else:
             prefills.append((row, n, torch.tensor(seq_slots) if past else None))
         row += n
@@ -35,11 +40,12 @@ def random_step(gen: torch.Generator, store: KVStore, shapes: list[tuple[int, in
     return BatchLayout(
         slots=torch.tensor(slots),
         prefills=prefills,
-        decode_rows=torch.tensor(rows, dtype=torch.long),
-        decode_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(
+        rows=torch.tensor(rows, dtype=torch.long),
+        seqs=torch.tensor(seqs, dtype=torch.long),
+        tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(
             len(tables), width
         ),
-        decode_lens=torch.tensor(lens, dtype=torch.long),
+        lens=torch.tensor(lens, dtype=torch.long),
     )
 
 
@@ -52,19 +58,21 @@ def random_step(gen: torch.Generator, store: KVStore, shapes: list[tuple[int, in
         [(i * 11 % 90, 1) for i in range(24)],
     ],
 )
-def test_kernel_matches_the_pytorch_backend(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> None:
-    ext = kernel()
-    assert ext is not None, "the CPU kernel did not build"
+@pytest.mark.parametrize("all_paged", [False, True])
+def test_kernel_matches_the_pytorch_backend(
+    dtype: torch.dtype, shapes: list[tuple[int, int]], all_paged: bool
+) -> None:
+    assert kernels.load(), "the CPU kernels did not build"
     gen = torch.Generator().manual_seed(len(shapes))
     stores = [KVStore(1, 160, BLOCK, HKV, D, dtype, "cpu") for _ in range(2)]
     noise = torch.randn(stores[0].k.shape, generator=gen).to(dtype)
     for store in stores:
         store.k.copy_(noise)
         store.v.copy_(noise.flip(-1))
-    layout = random_step(gen, stores[0], shapes)
+    layout = random_step(gen, stores[0], shapes, all_paged)
     tokens = sum(n for _, n in shapes)
     q, k, v = (torch.randn(tokens, h, D, generator=gen).to(dtype) for h in (HQ, HKV, HKV))
-    ref_backend, cpu_backend = TorchPagedAttention(stores[0]), CpuPagedAttention(stores[1], ext)
+    ref_backend, cpu_backend = TorchPagedAttention(stores[0]), CpuPagedAttention(stores[1])
     ref_backend.layout = cpu_backend.layout = layout
     expected, got = ref_backend(0, q, k, v), cpu_backend(0, q, k, v)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -74,8 +82,7 @@ def test_kernel_matches_the_pytorch_backend(dtype: torch.dtype, shapes: list[tup
 
 def test_kernel_reads_q_rows_of_a_wider_projection() -> None:
     """The model hands q as a slice of its fused q/k/v projection: rows strided, heads dense."""
-    ext = kernel()
-    assert ext is not None
+    assert kernels.load()
     gen = torch.Generator().manual_seed(0)
     store = KVStore(1, 16, BLOCK, HKV, D, torch.float32, "cpu")
     store.k.normal_(generator=gen)
@@ -83,6 +90,31 @@ def test_kernel_reads_q_rows_of_a_wider_projection() -> None:
     layout = random_step(gen, store, [(30, 1), (5, 1)])
     qkv = torch.randn(2, HQ + 2 * HKV, D, generator=gen)
     q, k, v = qkv.split([HQ, HKV, HKV], dim=1)
-    backend = CpuPagedAttention(store, ext)
+    backend = CpuPagedAttention(store)
     backend.layout = layout
     torch.testing.assert_close(backend(0, q, k, v), backend(0, q.contiguous(), k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_paged_row_is_the_same_bits_whatever_else_is_attended(dtype: torch.dtype) -> None:
+    """Each row's output depends on that row alone: a prompt's rows attended as one chunk equal
+    the same rows attended one at a time, and beside other sequences' rows."""
+    assert kernels.load()
+    gen = torch.Generator().manual_seed(3)
+    store = KVStore(1, 64, BLOCK, HKV, D, dtype, "cpu")
+    store.k.normal_(generator=gen)
+    store.v.normal_(generator=gen)
+    backend = CpuPagedAttention(store)
+    q = torch.randn(70, HQ, D, generator=gen).to(dtype)
+    k, v = (torch.randn(70, HKV, D, generator=gen).to(dtype) for _ in range(2))
+    backend.layout = random_step(torch.Generator().manual_seed(9), store, [(0, 37)], all_paged=True)
+    whole = backend(0, q[:37], k[:37], v[:37])
+    for i in (0, 15, 16, 36):  # the cache now holds the chunk: re-attend row i alone
+        layout = random_step(torch.Generator().manual_seed(9), store, [(0, 37)], all_paged=True)
+        layout.rows, layout.lens = layout.rows[i : i + 1], layout.lens[i : i + 1]
+        layout.seqs, layout.slots = layout.seqs[i : i + 1], layout.slots[:0]
+        backend.layout = layout
+        assert torch.equal(backend(0, q[:37], k[:0], v[:0])[i], whole[i])
+    mixed = random_step(torch.Generator().manual_seed(9), store, [(0, 37), (5, 1), (0, 32)], all_paged=True)
+    backend.layout = mixed
+    assert torch.equal(backend(0, q, k, v)[:37], whole)

@@ -37,6 +37,10 @@ class _EngineCollector:
                 "Fraction of KV-cache blocks in use (1 = full).",
                 used / blocks.num_blocks,
             ),
+            "batch_invariant": (
+                "1 if a request's logits are the same bits whatever else is in the batch.",
+                int(e.batch_invariant),
+            ),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(f"levante:{name}", doc, labels=["model_name"])

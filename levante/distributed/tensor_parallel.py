@@ -40,7 +40,7 @@ from levante.model import Model
 from levante.weights.checkpoint import Checkpoint, TensorEntry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from levante.engine.engine import EngineConfig
     from levante.engine.runner import Step
@@ -67,14 +67,15 @@ def _meta_weight(*shape: int) -> nn.Parameter:
 class RowParallelLinear(nn.Module):
     """A bias-free Linear over this rank's slice of the input features; all ranks' partial outputs
     are summed, so each ends with the full output. Not an nn.Linear, so nothing swaps it for a
-    kernel that would skip the sum."""
+    module that would skip the sum: the engine sets `kernel` instead."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
         self.weight = _meta_weight(out_features, in_features)
+        self.kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.kernel(x, self.weight)
         dist.all_reduce(y)
         return y
 
@@ -105,9 +106,10 @@ class VocabParallelHead(nn.Module):
         super().__init__()
         self.sizes = [b - a for a, b in (split(vocab, world, r) for r in range(world))]
         self.weight = _meta_weight(self.sizes[rank], dim)
+        self.kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)
+        local = self.kernel(hidden, self.weight)
         width = max(self.sizes)
         parts = [local.new_empty(local.shape[0], width) for _ in self.sizes]
         dist.all_gather(parts, F.pad(local, (0, width - local.shape[1])))

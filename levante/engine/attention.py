@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from levante.engine import kernels
 from levante.engine.kv_cache import KVStore
 from levante.model import causal_attention
 
@@ -16,17 +17,19 @@ from levante.model import causal_attention
 @dataclass
 class BatchLayout:
     """Where this forward's tokens go and what each sequence attends over; built once per step
-    and shared by every layer."""
+    and shared by every layer. Rows are either in a prefill chunk (attended together) or paged:
+    each attended alone over its sequence's blocks (decode rows; every row in batch-invariant mode)."""
 
     slots: torch.Tensor  # [T] cache slot of each new token
     prefills: list[tuple[int, int, torch.Tensor | None]]  # (first row, rows, context slots; None: no past)
-    decode_rows: torch.Tensor  # [B] rows of single-token sequences
-    decode_tables: torch.Tensor  # [B, blocks] their block tables, padded with block 0
-    decode_lens: torch.Tensor  # [B] their context lengths, the new token included
+    rows: torch.Tensor  # [R] the paged rows
+    seqs: torch.Tensor  # [R] the index of each one's sequence in `tables`
+    tables: torch.Tensor  # [S, blocks] block tables of those sequences, padded with block 0
+    lens: torch.Tensor  # [R] each paged row's context length, itself included
 
 
 class TorchPagedAttention:
-    """Pure-PyTorch backend (CPU; the reference in tests). Decode rows are attended together:
+    """Pure-PyTorch backend (CPU; the reference in tests). Paged rows are attended together:
     one block-granular gather and two batched matmuls per layer, instead of a call per sequence.
     A GPU kernel backend implements the same call without touching the model or the scheduler."""
 
@@ -47,24 +50,44 @@ class TorchPagedAttention:
             else:
                 keys, values = kc[:, ctx].transpose(0, 1), vc[:, ctx].transpose(0, 1)
             out[start : start + n] = causal_attention(q[start : start + n], keys, values)
-        if layout.decode_rows.numel():
-            self._decode(q, kc, vc, layout, out)
+        if layout.rows.numel():
+            self._paged(q, kc, vc, layout, out)
         return out
 
-    def _decode(
+    def _paged(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout, out: torch.Tensor
     ) -> None:
-        """Fills `out`'s decode rows from the same rows of q, each over its own blocks."""
-        rows = layout.decode_rows
+        """Fills `out`'s paged rows from the same rows of q, each over its own blocks."""
+        rows = layout.rows
         q = q[rows]
         b, hq, d = q.shape
         hkv, bs = kc.shape[0], self.store.block_size
-        blocks = layout.decode_tables.view(-1)
+        blocks = layout.tables[layout.seqs].view(-1)
         keys = torch.index_select(kc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)  # [Hkv, B, L, D]
         values = torch.index_select(vc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)
         qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)  # [Hkv, B, g, D]
         scores = torch.matmul(qg, keys.transpose(2, 3)) * d**-0.5
-        pad = torch.arange(keys.shape[2], device=q.device) >= layout.decode_lens[:, None]  # [B, L]
+        pad = torch.arange(keys.shape[2], device=q.device) >= layout.lens[:, None]  # [B, L]
         scores.masked_fill_(pad[None, :, None, :], float("-inf"))
         attended = torch.matmul(torch.softmax(scores, dim=-1), values)  # [Hkv, B, g, D]
         out[rows] = attended.transpose(0, 1).reshape(b, hq, d)
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Same writes and prefill path as the pure-PyTorch backend; paged rows go to Levante's CPU
+    kernel, which walks each row's block table instead of gathering a padded copy per layer, and
+    whose result for a row depends on that row alone."""
+
+    def _paged(
+        self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout, out: torch.Tensor
+    ) -> None:
+        torch.ops.levante.paged_attention(
+            q, kc, vc, layout.rows, layout.seqs, layout.tables, layout.lens, self.store.block_size, out
+        )
+
+
+def paged_attention(store: KVStore) -> TorchPagedAttention:
+    """The fastest backend for the cache's device and dtype."""
+    if store.k.device.type == "cpu" and store.k.dtype in (torch.float32, torch.bfloat16) and kernels.load():
+        return CpuPagedAttention(store)
+    return TorchPagedAttention(store)

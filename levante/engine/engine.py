@@ -19,6 +19,7 @@ from levante.distributed import tensor_parallel
 from levante.engine.grammar import GrammarError, Grammars
 from levante.engine.guard import repeating_tail
 from levante.engine.kv_cache import BlockManager, KVStore
+from levante.engine.linears import use_linear_kernels
 from levante.engine.runner import Runner, Step
 from levante.engine.sampler import Sample, SampleRow, check_vocab, raw_logprobs, sample
 from levante.engine.sampling_params import RepetitionDetection, SamplingParams
@@ -47,6 +48,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # default: the model's context length
     prefix_caching: bool = True
+    batch_invariant: bool = True  # a token's logits independent of the rest of the batch (see linears)
     loop_guard: RepetitionDetection | None = None  # applied to requests that do not set their own
 
 
@@ -104,6 +106,13 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.capacity = num_blocks * config.block_size
+        self.batch_invariant = self.runner.batch_invariant
+        log.info(
+            "batch-invariant mode: %s",
+            "on (a request's logits do not depend on the rest of the batch)"
+            if self.batch_invariant
+            else "off" + (" (Levante's CPU kernels cannot run here)" if config.batch_invariant else ""),
+        )
         log.info(
             "KV cache: %d blocks of %d = %d tokens (%.2f GiB); %.1f sequences of %d tokens fit",
             num_blocks,
@@ -376,7 +385,8 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     store = KVStore(
         text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, weight.dtype, weight.device
     )
-    return Runner(model, store, config.block_size, publish)
+    invariant = use_linear_kernels(model, config.batch_invariant)
+    return Runner(model, store, config.block_size, publish, invariant)
 
 
 def _num_blocks(model: Model, config: EngineConfig, per_token: int, device: torch.device) -> int:

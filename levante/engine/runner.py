@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from levante.engine.attention import BatchLayout
-from levante.engine.cpu_attention import paged_attention
+from levante.engine.attention import BatchLayout, CpuPagedAttention, paged_attention
 from levante.engine.kv_cache import KVStore
 from levante.engine.sequence import Sequence
 from levante.model import Model
@@ -24,22 +23,34 @@ class Step:
     slots: list[int] = field(default_factory=list)  # cache slot of each token
     # (first row, rows, context slots; None: nothing cached before the chunk)
     prefills: list[tuple[int, int, list[int] | None]] = field(default_factory=list)
-    decode_rows: list[int] = field(default_factory=list)
-    decode_tables: list[list[int]] = field(default_factory=list)
-    decode_lens: list[int] = field(default_factory=list)
+    paged_rows: list[int] = field(default_factory=list)  # rows attended one by one over their blocks
+    paged_seqs: list[int] = field(default_factory=list)  # each one's block table in `tables`
+    paged_lens: list[int] = field(default_factory=list)  # each one's context length
+    tables: list[list[int]] = field(default_factory=list)
     keep: list[int] = field(default_factory=list)  # rows whose logits are returned
     images: torch.Tensor | None = None  # the batch's [IMG] rows, in order
 
 
 class Runner:
+    """Plans and runs each step's forward. In batch-invariant mode every row, prefill rows too, is
+    attended alone over its sequence's blocks by the CPU kernel (and the linear layers run on
+    Levante's kernel, see `linears`), so a token's logits do not depend on how its prompt was
+    chunked, what was cached, or what else is in the step."""
+
     def __init__(
-        self, model: Model, store: KVStore, block_size: int, publish: Callable[[Step], None] | None = None
+        self,
+        model: Model,
+        store: KVStore,
+        block_size: int,
+        publish: Callable[[Step], None] | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.model = model
         self.publish = publish  # tensor parallelism: sends each step to the other ranks
         self.device = model.decoder.embed_tokens.weight.device
         self.block_size = block_size
         self.attention = paged_attention(store)
+        self.batch_invariant = batch_invariant and isinstance(self.attention, CpuPagedAttention)
         self.image_token_id = model.config.image_token_id if model.vision is not None else None
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -75,10 +86,11 @@ class Runner:
             step.ids.extend(seq.tokens[start:end])
             step.positions.extend(range(start, end))
             step.slots.extend(self._slots(seq, start, end))
-            if n == 1:
-                step.decode_rows.append(row)
-                step.decode_tables.append(seq.block_table)
-                step.decode_lens.append(end)
+            if n == 1 or self.batch_invariant:
+                step.paged_rows.extend(range(row, row + n))
+                step.paged_seqs.extend([len(step.tables)] * n)
+                step.paged_lens.extend(range(start + 1, end + 1))
+                step.tables.append(seq.block_table)
             else:
                 step.prefills.append((row, n, self._slots(seq, 0, end) if start else None))
             rows = self._image_rows(seq, start, end)
@@ -93,16 +105,16 @@ class Runner:
     @torch.inference_mode()
     def execute(self, step: Step) -> torch.Tensor:
         """One forward over a planned step: what every tensor-parallel rank runs in lockstep."""
-        width = max(map(len, step.decode_tables), default=0)
+        width = max(map(len, step.tables), default=0)
+        tables = [t + [0] * (width - len(t)) for t in step.tables]
         prefills = [(row, n, None if past is None else self._tensor(past)) for row, n, past in step.prefills]
         self.attention.layout = BatchLayout(
             slots=self._tensor(step.slots),
             prefills=prefills,
-            decode_rows=self._tensor(step.decode_rows),
-            decode_tables=self._tensor([t + [0] * (width - len(t)) for t in step.decode_tables]).view(
-                len(step.decode_tables), width
-            ),
-            decode_lens=self._tensor(step.decode_lens),
+            rows=self._tensor(step.paged_rows),
+            seqs=self._tensor(step.paged_seqs),
+            tables=self._tensor(tables).view(len(tables), width),
+            lens=self._tensor(step.paged_lens),
         )
         images = None if step.images is None else step.images.to(self.device)
         hidden = self.model(self._tensor(step.ids), self._tensor(step.positions), self.attention, images)

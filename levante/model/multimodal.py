@@ -9,7 +9,7 @@ from torch import nn
 from levante.config import ModelConfig
 from levante.model.attention import AttentionBackend
 from levante.model.decoder import Decoder, SelfAttention
-from levante.model.layers import GatedMLP, pack_linears
+from levante.model.layers import GatedMLP
 from levante.model.vision import Projector, VisionEncoder
 
 
@@ -25,14 +25,9 @@ class Model(nn.Module):
 
     def prepare(self) -> None:
         """Readies a loaded model for inference: merges the projections that checkpoints store
-        apart (the forward runs them merged) and, for bfloat16 on CPU, packs the decoder's weights
-        for oneDNN once instead of on every call."""
+        apart (the forward runs them merged). Which kernel runs them is the engine's choice."""
         for module in [m for m in self.modules() if isinstance(m, (SelfAttention, GatedMLP))]:
             module.merge()
-        weight = self.decoder.embed_tokens.weight
-        on_cpu = weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        if on_cpu and weight.dtype == torch.bfloat16:
-            pack_linears(self.decoder)
 
     def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """One [n_image_tokens, text_hidden] tensor per (C, H, W) image, in the order their

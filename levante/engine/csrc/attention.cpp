@@ -1,0 +1,153 @@
+// Causal attention of single query rows over their sequences' blocks in the paged KV cache.
+//
+// One task per (row, KV head) attends the query heads that share the head, block by block in
+// position order, with an online softmax in float32. A row's result depends only on its own
+// query, its context length and the cached K/V, never on the other rows of the step: the same
+// token gives the same bits whether it is decoded alone, beside others, or sits anywhere in a
+// prefill chunk of any size (the batch-invariant mode sends every row here).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "vec.h"
+
+namespace levante {
+namespace {
+
+// score[t] = q·k_t for the block's tokens t < bs (rows past the context are computed and ignored).
+template <typename T>
+inline void block_scores(const float* q, const T* kb, int64_t d, int64_t bs, float* score) {
+#if defined(__AVX512F__)
+  if (bs == 16) {  // 16 vector accumulators, one per token, then summed across lanes together
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + i);
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qv, vload(kb + t * d + i), acc[t]);
+    }
+    _mm512_storeu_ps(score, lane_sums(acc));
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < bs; ++t) {
+    vf acc = vzero();
+    for (int64_t i = 0; i < d; i += kLanes) acc = vfma(vload(q + i), vload(kb + t * d + i), acc);
+    score[t] = vsum(acc);
+  }
+}
+
+// acc += Σ_t p[t]·v_t over the block's first n tokens, in t order for every element.
+template <typename T>
+inline void block_values(float* acc, const float* p, const T* vb, int64_t n, int64_t d) {
+  for (int64_t i = 0; i < d; i += kLanes) {
+    vf a = vload(acc + i);
+    for (int64_t t = 0; t < n; ++t) a = vfma(vset1(p[t]), vload(vb + t * d + i), a);
+    vstore(acc + i, a);
+  }
+}
+
+// s[t] = exp(s[t] - mx) for t < n, returning their sum.
+#if defined(__AVX512F__)
+// exp(x) = 2^k · e^r with k = round(x / ln 2), |r| <= ln 2 / 2, e^r by its degree-6 Taylor
+// polynomial (relative error ~2e-7).
+inline float exp_shifted_sum(float* s, int64_t n, float mx) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2 = _mm512_set1_ps(0.69314718f);
+  const __m512 shift = _mm512_set1_ps(mx), floor = _mm512_set1_ps(-87.f);
+  const float c[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 mask = n - t >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), shift), floor);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+    const __m512 r = _mm512_fnmadd_ps(k, ln2, x);
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    const __m512 e = _mm512_scalef_ps(p, k);
+    _mm512_mask_storeu_ps(s + t, mask, e);
+    total = _mm512_mask_add_ps(total, mask, total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+#else
+inline float exp_shifted_sum(float* s, int64_t n, float mx) {
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) sum += s[t] = std::exp(s[t] - mx);
+  return sum;
+}
+#endif
+
+template <typename T>
+void attend(const T* q, const T* kc, const T* vc, const int64_t* rows, const int64_t* seqs,
+            const int64_t* tables, const int64_t* lens, T* out, int64_t batch, int64_t width,
+            int64_t q_stride, int64_t hq, int64_t hkv, int64_t d, int64_t slots, int64_t bs, float scale) {
+  const int64_t g = hq / hkv;
+  at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(g * d), acc(g * d), score(g * bs), m(g), l(g);
+    for (int64_t task = begin; task < end; ++task) {
+      // rows taken from both ends in turn: a prefill chunk's rows grow in length, and each
+      // thread gets a contiguous range of tasks
+      const int64_t i = task / hkv, h = task % hkv;
+      const int64_t b = i % 2 ? batch - 1 - i / 2 : i / 2, len = lens[b];
+      const int64_t* table = tables + seqs[b] * width;
+      const T* qrow = q + rows[b] * q_stride + h * g * d;
+      for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(qrow[i]) * scale;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), std::numeric_limits<float>::lowest());
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t blk = 0; blk * bs < len; ++blk) {
+        const int64_t n = std::min(bs, len - blk * bs);
+        const int64_t base = (h * slots + table[blk] * bs) * d;
+        const T* kb = kc + base;
+        const T* vb = vc + base;
+        for (int64_t j = 0; j < g; ++j) block_scores(qf.data() + j * d, kb, d, bs, score.data() + j * bs);
+        for (int64_t j = 0; j < g; ++j) {
+          float* sj = score.data() + j * bs;
+          const float mx = std::max(m[j], *std::max_element(sj, sj + n));
+          const float correction = std::exp(m[j] - mx);
+          l[j] = l[j] * correction + exp_shifted_sum(sj, n, mx);
+          m[j] = mx;
+          float* aj = acc.data() + j * d;
+          for (int64_t i = 0; i < d; ++i) aj[i] *= correction;
+        }
+        for (int64_t j = 0; j < g; ++j) block_values(acc.data() + j * d, score.data() + j * bs, vb, n, d);
+      }
+      T* orow = out + (rows[b] * hq + h * g) * d;
+      for (int64_t j = 0; j < g; ++j)
+        for (int64_t i = 0; i < d; ++i) orow[j * d + i] = static_cast<T>(acc[j * d + i] / l[j]);
+    }
+  });
+}
+
+void paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& rows,
+                     const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens,
+                     int64_t block_size, const at::Tensor& out) {
+  // q may be a slice of a wider projection: only its rows may be strided
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention: q heads must be dense");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && out.is_contiguous());
+  TORCH_CHECK(rows.is_contiguous() && seqs.is_contiguous() && tables.is_contiguous() && lens.is_contiguous());
+  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && out.scalar_type() == kc.scalar_type());
+  const int64_t hq = q.size(1), d = q.size(2), hkv = kc.size(0), slots = kc.size(1);
+  TORCH_CHECK(d % kLanes == 0, "paged_attention: head_dim must be a multiple of ", kLanes);
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const int64_t batch = rows.size(0), width = tables.size(1);
+  if (kc.scalar_type() == at::kBFloat16) {
+    attend(q.data_ptr<c10::BFloat16>(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(),
+           rows.data_ptr<int64_t>(), seqs.data_ptr<int64_t>(), tables.data_ptr<int64_t>(),
+           lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), batch, width, q.stride(0), hq, hkv, d,
+           slots, block_size, scale);
+  } else {
+    TORCH_CHECK(kc.scalar_type() == at::kFloat, "paged_attention: float32 or bfloat16 only");
+    attend(q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), rows.data_ptr<int64_t>(),
+           seqs.data_ptr<int64_t>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+           out.data_ptr<float>(), batch, width, q.stride(0), hq, hkv, d, slots, block_size, scale);
+  }
+}
+
+}  // namespace
+}  // namespace levante
+
+TORCH_LIBRARY_IMPL(levante, CPU, m) { m.impl("paged_attention", &levante::paged_attention); }

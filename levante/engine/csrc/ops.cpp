@@ -1,0 +1,11 @@
+// The schemas of Levante's CPU operators (torch.ops.levante.*); each kernel file registers its
+// implementation.
+#include <torch/library.h>
+
+TORCH_LIBRARY(levante, m) {
+  m.def("linear(Tensor x, Tensor weight, int out_features) -> Tensor");
+  m.def("pack_linear(Tensor weight) -> Tensor");
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor seqs, Tensor tables, "
+      "Tensor lens, int block_size, Tensor(a!) out) -> ()");
+}

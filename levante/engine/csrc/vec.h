@@ -1,0 +1,82 @@
+// SIMD primitives shared by the CPU kernels: one float32 vector type per ISA and a fixed-order
+// horizontal sum. Every kernel here computes an output element by the same sequence of
+// operations whatever else is in the batch, so these are the only places where lanes meet.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace levante {
+
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int64_t kLanes = 16;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+// The lane sums of 16 vectors as one vector (lane t: the sum of v[t]), each by the same tree:
+// lanes l and l^8 first, then l^4, l^2, l^1; the last permute undoes the bit-reversed order.
+inline vf lane_sums(vf* v) {
+  int n = 16;
+  for (int w = 8; w >= 1; w /= 2, n /= 2) {
+    const __mmask16 upper = static_cast<__mmask16>(
+        w == 8 ? 0xff00 : w == 4 ? 0xf0f0 : w == 2 ? 0xcccc : 0xaaaa);  // lanes whose bit w is set
+    const __m512i swap = _mm512_xor_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(w));
+    for (int i = 0; i < n / 2; ++i) {
+      const vf x = v[2 * i], y = v[2 * i + 1];
+      const vf keep = _mm512_mask_blend_ps(upper, x, y), move = _mm512_mask_blend_ps(upper, y, x);
+      v[i] = _mm512_add_ps(keep, _mm512_permutexvar_ps(swap, move));
+    }
+  }
+  const __m512i order = _mm512_setr_epi32(0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+  return _mm512_permutexvar_ps(order, v[0]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using vf = __m256;
+constexpr int64_t kLanes = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+#else
+using vf = float;
+constexpr int64_t kLanes = 1;
+inline vf vzero() { return 0.f; }
+inline vf vset1(float x) { return x; }
+inline vf vload(const float* p) { return *p; }
+inline vf vload(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline void vstore(float* p, vf v) { *p = v; }
+inline vf vfma(vf a, vf b, vf c) { return __builtin_fmaf(a, b, c); }
+inline float vsum(vf v) { return v; }
+#endif
+
+// The first n < lanes elements at p, zeros after them (adding 0·0 leaves an accumulator as it is).
+template <typename T, int64_t Lanes>
+inline const T* padded(const T* p, int64_t n, T (&buffer)[Lanes]) {
+  std::memset(buffer, 0, sizeof(buffer));
+  std::memcpy(buffer, p, n * sizeof(T));
+  return buffer;
+}
+
+}  // namespace levante

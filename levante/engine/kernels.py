@@ -1,0 +1,88 @@
+"""Levante's CPU operators (`torch.ops.levante.linear`, `torch.ops.levante.paged_attention`),
+compiled from `csrc/` at first use and registered with torch.library.
+
+The build is keyed by the instruction set it targets, so a cache shared between machines never
+hands one CPU another's code: the machine's own (`-march=native`, keyed by its CPU flags), or a
+narrower one forced the way ATen and oneDNN are forced (`ATEN_CPU_CAPABILITY=avx2|default`,
+`ONEDNN_MAX_CPU_ISA=AVX512_CORE` for AVX-512 without BF16, `AVX512_CORE_BF16` without AMX), which
+is how the test suite runs
+every ISA's code path on one machine. Where no compiler is there, the engine falls back to
+library kernels (and is then not batch-invariant)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("levante.engine")
+
+SOURCES = Path(__file__).parent / "csrc"
+
+
+def target() -> tuple[str, list[str]]:
+    """(name, compiler flags) of the instruction set the kernels are built for."""
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if aten == "default":
+        return "x86_64", ["-march=x86-64"]
+    if aten == "avx2" or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2":
+        return "avx2", ["-march=haswell"]
+    native, no_amx = ["-march=native"], ["-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]
+    name = "native_" + _cpu_key()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if onednn == "AVX512_CORE":
+        return name + "_nobf16", [*native, "-mno-avx512bf16", *no_amx]
+    if onednn == "AVX512_CORE_BF16":
+        return name + "_noamx", [*native, *no_amx]
+    return name, native
+
+
+def _cpu_key() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def load() -> bool:
+    """Builds (once per target, cached on disk) and loads the operators; False, logged once, where
+    they cannot be built."""
+    from torch.utils.cpp_extension import load as build
+
+    sources = sorted(SOURCES.glob("*.cpp"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCES.iterdir()))).hexdigest()[:10]
+    name, flags = target()
+    try:
+        build(
+            name=f"levante_cpu_{name}_{digest}",
+            sources=[str(p) for p in sources],
+            extra_cflags=["-O3", "-fopenmp", *flags],  # at::parallel_for is OpenMP, inline
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, no x86 intrinsics: library kernels still work
+        log.warning("Levante's CPU kernels are unavailable (%s); using library kernels", exc)
+        return False
+    log.info("CPU kernels built for %s", name)
+    return True
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in the layout `linear` reads fastest: AMX tiles for bfloat16 where the CPU has
+    them (a copy), else the weight itself."""
+    if weight.dtype == torch.bfloat16 and torch.ops.levante.amx_available():
+        return torch.ops.levante.pack_linear(weight)
+    return weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+    """x·weightᵀ with a summation order fixed per output element (see csrc/linear.cpp); `weight`
+    as given or packed by `pack` (then `out_features` is required)."""
+    return torch.ops.levante.linear(x, weight, weight.shape[0] if out_features is None else out_features)

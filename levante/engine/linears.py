@@ -1,0 +1,56 @@
+"""Which kernel runs the decoder's linear layers: a transform on a loaded model, applied once by
+the engine that serves it (the model files know nothing of it).
+
+Batch-invariant mode puts every decoder projection and the LM head on Levante's own kernel
+(`kernels.linear`), whose result for a row is the same bits whatever else is in the batch. The
+library kernels are not: MKL (float32) and oneDNN (bfloat16) choose blockings by the number of
+rows, and measured here even a row's place within the same batch size changes its bits. Without
+the mode, bfloat16 weights on CPU are packed for oneDNN once instead of on every call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from levante.engine import kernels
+from levante.model import Model
+from levante.model.layers import PackedLinear, pack_linears
+
+
+class KernelLinear(nn.Module):
+    """A bias-free Linear computed by `kernels.linear`, over its weight packed once where that pays
+    (AMX tiles), else over the same weight tensor (a tied LM head keeps sharing the embedding's)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        assert linear.bias is None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = kernels.pack(linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.out_features)
+
+
+def _children(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()]
+
+
+def use_linear_kernels(model: Model, batch_invariant: bool) -> bool:
+    """Puts the decoder's linear layers on the kernel the mode asks for; returns whether they are
+    now batch-invariant (False where Levante's kernels cannot run: not on CPU, float16, or no
+    compiler). Tensor-parallel layers that are not `nn.Linear` take the kernel through their own
+    `kernel` attribute, so their all-reduce stays theirs."""
+    weight = model.decoder.embed_tokens.weight
+    on_cpu = weight.device.type == "cpu"
+    if batch_invariant and on_cpu and weight.dtype in (torch.float32, torch.bfloat16) and kernels.load():
+        for parent, name, child in _children(model.decoder):
+            if isinstance(child, PackedLinear):
+                raise ValueError("this model's weights were packed for oneDNN; load it again")
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, KernelLinear(child))
+            elif hasattr(child, "kernel"):
+                child.kernel = kernels.linear
+        return True
+    if on_cpu and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        pack_linears(model.decoder)
+    return False

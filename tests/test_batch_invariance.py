@@ -1,0 +1,199 @@
+"""Batch invariance (on by default): a request's tokens and logprobs are the same bits alone, in a
+batch of 16, after a 600-token shared prefix came from the prefix cache, with its prompt cut into
+small chunks, and after preemption and recompute — greedy and seeded sampling, float32 and
+bfloat16, on the demo model and on a tiny Mistral3 with images. The same checks run again in
+subprocesses that force narrower instruction sets, so the AVX2 and AVX-512-without-BF16 code
+paths are exercised on whatever CPU runs the suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from servers import ServerProcess
+from test_api import metrics
+from test_engine import data_url, question
+
+from levante.engine import EngineConfig, SamplingParams, kernels
+from levante.engine.engine import Engine
+from levante.engine.kv_cache import KVStore
+from levante.loader import LoadedModel, demo_model_path, load
+from levante.tokenizer import PromptInputs
+
+PREFIX = " ".join(question(100 + i) for i in range(10))  # 600+ tokens in both vocabularies
+Result = tuple[list[int], list[tuple[float, list[tuple[int, float]]]]]
+
+
+def prompts(loaded: LoadedModel, images: bool) -> list[PromptInputs]:
+    """16 chats sharing a ≥600-token first part; with `images`, every fourth holds an image."""
+    chats = []
+    for i in range(16):
+        parts: list[dict] = [{"type": "text", "text": PREFIX}]
+        if images and i % 4 == 0:
+            parts.append({"type": "image_url", "image_url": {"url": data_url(40 + 8 * i, 30, i)}})
+        parts.append({"type": "text", "text": " ".join(question(i).split()[:12])})
+        chats.append([{"role": "user", "content": parts}])
+    encoded = [loaded.tokenizer.encode_chat(chat) for chat in chats]
+    shared = os_commonprefix([e.tokens for e in encoded])
+    assert shared >= 600, shared
+    return encoded
+
+
+def os_commonprefix(token_lists: list[list[int]]) -> int:
+    n = 0
+    while all(len(t) > n and t[n] == token_lists[0][n] for t in token_lists):
+        n += 1
+    return n
+
+
+def params() -> list[SamplingParams]:
+    """Greedy with top-5 logprobs, every other one sampled with its own seed."""
+    return [
+        SamplingParams(temperature=0, max_tokens=10, logprobs=5, ignore_eos=True)
+        if i % 2 == 0
+        else SamplingParams(temperature=0.9, top_p=0.9, seed=i, max_tokens=10, logprobs=5, ignore_eos=True)
+        for i in range(16)
+    ]
+
+
+def run(engine: Engine, inputs: list[PromptInputs], together: bool, warm: int = 0) -> list[Result]:
+    """Each request's tokens and logprobs; all admitted at once, or each run alone. `warm` requests
+    run first, alone, so the others find their prefix in the cache."""
+    results: dict[str, Result] = {}
+
+    def drain() -> None:
+        while engine.has_unfinished():
+            for delta in engine.step():
+                tokens, logprobs = results[delta.request_id]
+                tokens += delta.token_ids
+                logprobs += [(s.logprob, s.top_logprobs) for s in delta.logprobs]
+
+    for i, (prompt, p) in enumerate(zip(inputs, params()[: len(inputs)], strict=True)):
+        results[f"r{i}"] = ([], [])
+        engine.add_request(f"r{i}", prompt, p)
+        if not together or i < warm:
+            drain()
+    drain()
+    return [results[f"r{i}"] for i in range(len(inputs))]
+
+
+def kv_gib(loaded: LoadedModel, tokens: int) -> float:
+    text = loaded.config.text
+    per_token = KVStore.bytes_per_token(text.num_layers, text.num_kv_heads, text.head_dim, _dtype(loaded))
+    return tokens * per_token / (1 << 30)
+
+
+def _dtype(loaded: LoadedModel) -> torch.dtype:
+    return loaded.model.decoder.embed_tokens.weight.dtype
+
+
+@pytest.fixture(scope="module", params=["demo", "tiny_mistral3"])
+def model_path(request: pytest.FixtureRequest) -> Path:
+    return demo_model_path() if request.param == "demo" else request.getfixturevalue("tiny_mistral")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_same_bits_alone_batched_cached_chunked_and_preempted(model_path: Path, dtype: str) -> None:
+    loaded = load(model_path, dtype=dtype, progress=False)
+    inputs = prompts(loaded, images=loaded.model.vision is not None)
+    longest = max(len(p.tokens) for p in inputs) + 10
+
+    def engine(**kw: object) -> Engine:
+        config = dict(kv_cache_memory=kv_gib(loaded, 16 * longest), max_num_seqs=16)
+        config.update(kw)
+        built = Engine(loaded.model, loaded.tokenizer, EngineConfig(**config))  # type: ignore[arg-type]
+        assert built.runner.batch_invariant
+        return built
+
+    # the reference: nothing cached, each request alone (only the first 8: every prompt is paid in
+    # full here and in `together`, the other runs are mostly cache hits or small chunks)
+    alone = run(engine(prefix_caching=False), inputs[:8], together=False)
+    assert len({tuple(tokens) for tokens, _ in alone}) > 1  # the answers differ from each other
+
+    together = run(engine(prefix_caching=False, max_num_batched_tokens=16 * longest), inputs, together=True)
+    assert together[:8] == alone
+
+    cached = engine()
+    assert run(cached, inputs, together=True, warm=1) == together
+    assert cached.blocks.prefix_hits >= 15 * 592
+
+    chunked = engine(max_num_batched_tokens=37)
+    chunked.keep_step_log = True
+    assert run(chunked, inputs, together=True) == together
+    assert max(sum(n for _, n in step) for step in chunked.step_log) <= 37
+
+    tiny_cache = kv_gib(loaded, longest + 64)
+    preempted = engine(kv_cache_memory=tiny_cache, prefix_caching=False, max_num_batched_tokens=40)
+    assert run(preempted, inputs[:4], together=True) == alone[:4]
+    assert preempted.stats.preemptions > 0
+
+
+def test_served_answers_are_the_same_bits_one_at_a_time_and_all_at_once(demo: ServerProcess) -> None:
+    """The report's case through the real server in its default dtype: 16 greedy chats one at a
+    time, then all at once."""
+    client = openai.OpenAI(base_url=f"{demo.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+
+    def ask(i: int) -> tuple[str, list[float]]:
+        answer = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": question(i)}],
+            temperature=0,
+            max_tokens=16,
+            logprobs=True,
+        )
+        choice = answer.choices[0]
+        assert choice.logprobs is not None and choice.logprobs.content
+        return choice.message.content or "", [t.logprob for t in choice.logprobs.content]
+
+    one_by_one = [ask(i) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        at_once = list(pool.map(ask, range(16)))
+    assert at_once == one_by_one
+    assert metrics(demo.url)["levante:batch_invariant"] == 1
+    assert "batch-invariant mode: on" in demo.log.read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("features", [576, 100, 5120])
+def test_linear_kernel_rows_are_the_same_bits_in_any_batch(dtype: torch.dtype, features: int) -> None:
+    """Row r of x·wᵀ alone, at any batch size and at any place in the batch (a shuffle)."""
+    assert kernels.load()
+    gen = torch.Generator().manual_seed(features)
+    w = (torch.randn(333, features, generator=gen) * 0.05).to(dtype)
+    x = torch.randn(300, features, generator=gen).to(dtype)
+    full = kernels.linear(x, w)
+    for m in (1, 2, 3, 5, 16, 17, 33, 64, 65, 129):
+        assert torch.equal(kernels.linear(x[:m], w), full[:m]), m
+    order = torch.randperm(300, generator=gen)
+    assert torch.equal(kernels.linear(x[order], w), full[order])
+    exact = x.double() @ w.double().T
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(full.double(), exact, atol=tol * features**0.5, rtol=tol)
+
+
+FORCED = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512-no-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+}
+
+
+@pytest.mark.skipif(bool(os.environ.get("LEVANTE_FORCED_ISA")), reason="already inside a forced-ISA run")
+@pytest.mark.parametrize("isa", list(FORCED))
+def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
+    """This file's kernel checks and the tiny Mistral3 checks, in a subprocess whose kernels (and
+    ATen's and oneDNN's) are built for a narrower ISA than this machine's."""
+    env = {**os.environ, **FORCED[isa], "LEVANTE_FORCED_ISA": isa}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not demo"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
+    probe = [sys.executable, "-c", "from levante.engine import kernels; print(kernels.target()[0])"]
+    name = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert name.startswith("avx2" if isa == "avx2" else "native") and (isa == "avx2" or "nobf16" in name)
