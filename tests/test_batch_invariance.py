@@ -2,8 +2,8 @@
 batch of 16, after a 600-token shared prefix came from the prefix cache, with its prompt cut into
 small chunks, and after preemption and recompute — greedy and seeded sampling, float32 and
 bfloat16, on the demo model and on a tiny Mistral3 with images. The same checks run again in
-subprocesses that force narrower instruction sets, so the AVX2 and AVX-512-without-BF16 code
-paths are exercised on whatever CPU runs the suite."""
+subprocesses that force narrower instruction sets, so the AVX2, AVX-512 and AVX-512 BF16 code
+paths are exercised next to the machine's own (AMX here) on whatever CPU runs the suite."""
 
 from __future__ import annotations
 
@@ -178,22 +178,37 @@ def test_linear_kernel_rows_are_the_same_bits_in_any_batch(dtype: torch.dtype, f
     torch.testing.assert_close(full.double(), exact, atol=tol * features**0.5, rtol=tol)
 
 
-FORCED = {
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "avx512-no-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+FORCED = {  # each: the build it must give, and what forces it
+    "avx2": ("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    "avx512-no-bf16": ("_nobf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}),
+    "avx512-bf16-no-amx": ("_noamx", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}),
 }
 
 
 @pytest.mark.skipif(bool(os.environ.get("LEVANTE_FORCED_ISA")), reason="already inside a forced-ISA run")
 @pytest.mark.parametrize("isa", list(FORCED))
 def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
-    """This file's kernel checks and the tiny Mistral3 checks, in a subprocess whose kernels (and
-    ATen's and oneDNN's) are built for a narrower ISA than this machine's."""
-    env = {**os.environ, **FORCED[isa], "LEVANTE_FORCED_ISA": isa}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not demo"]
+    """This file's kernel and tiny-Mistral3 checks and the attention kernel's tests, in a
+    subprocess whose kernels (and ATen's and oneDNN's) are built for a narrower ISA than this
+    machine's. On a machine that lacks an ISA the build for it is the machine's own: the checks
+    still run, on the code that machine would use."""
+    build, forced = FORCED[isa]
+    env = {**os.environ, **forced, "LEVANTE_FORCED_ISA": isa}
+    probe = [sys.executable, "-c", "from levante.engine import kernels; print(kernels.target()[0])"]
+    name = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert name.startswith(build) if build == "avx2" else name.endswith(build), name
+    tests = [__file__, str(Path(__file__).with_name("test_attention.py"))]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *tests,
+        "-k",
+        "not demo and not served",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
-    probe = [sys.executable, "-c", "from levante.engine import kernels; print(kernels.target()[0])"]
-    name = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert name.startswith("avx2" if isa == "avx2" else "native") and (isa == "avx2" or "nobf16" in name)
