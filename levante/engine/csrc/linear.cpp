@@ -82,6 +82,15 @@ void tile(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, i
     for (int j = 0; j < C; ++j) ws[j] = padded(w + j * ldw + k, K - k, wb[j]);
     body(xs, ws);
   }
+#if defined(__AVX512F__)
+  if constexpr (R * C == 16) {  // a full tile: its 16 sums together
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, lane_sums(&acc[0][0]));
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < C; ++j) y[i * ldy + j] = static_cast<T>(sums[i * C + j]);
+    return;
+  }
+#endif
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < C; ++j) y[i * ldy + j] = static_cast<T>(vsum(acc[i][j]));
 }

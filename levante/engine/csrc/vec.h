@@ -23,9 +23,16 @@ inline vf vload(const c10::BFloat16* p) {
 }
 inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
-// The lane sums of 16 vectors as one vector (lane t: the sum of v[t]), each by the same tree:
-// lanes l and l^8 first, then l^4, l^2, l^1; the last permute undoes the bit-reversed order.
+// The sum of the 16 lanes by one tree: lanes l and l^8 first, then l^4, l^2, l^1.
+inline float vsum(vf v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+// vsum of 16 vectors at once (lane t: vsum(v[t]), the same tree and so the same bits); the last
+// permute undoes the bit-reversed order the pairing leaves.
 inline vf lane_sums(vf* v) {
   int n = 16;
   for (int w = 8; w >= 1; w /= 2, n /= 2) {
