@@ -266,6 +266,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t out_fea
 #ifdef LEVANTE_AMX
     gemm_amx(rows.data_ptr<c10::BFloat16>(), rows.stride(0), weight.data_ptr<c10::BFloat16>(),
              y.data_ptr<c10::BFloat16>(), M, N, K);
+#else
+    TORCH_CHECK(false, "levante::linear: weights packed for AMX, in a build without AMX");
 #endif
   } else if (M > 0) {
     if (x.scalar_type() == at::kBFloat16) {
