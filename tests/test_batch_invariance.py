@@ -94,13 +94,19 @@ def _dtype(loaded: LoadedModel) -> torch.dtype:
 
 
 @pytest.fixture(scope="module", params=["demo", "tiny_mistral3"])
-def model_path(request: pytest.FixtureRequest) -> Path:
-    return demo_model_path() if request.param == "demo" else request.getfixturevalue("tiny_mistral")
+def model(request: pytest.FixtureRequest) -> tuple[Path, int]:
+    """The checkpoint and how many requests its uncached all-at-once run takes: the demo model
+    pays every prompt token there (~450 tokens/s in float32 on 2 cores), so 8 of the 16; its
+    cached and chunked runs take all 16."""
+    if request.param == "demo":
+        return demo_model_path(), 8
+    return request.getfixturevalue("tiny_mistral"), 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_same_bits_alone_batched_cached_chunked_and_preempted(model_path: Path, dtype: str) -> None:
-    loaded = load(model_path, dtype=dtype, progress=False)
+def test_same_bits_alone_batched_cached_chunked_and_preempted(model: tuple[Path, int], dtype: str) -> None:
+    path, uncached = model
+    loaded = load(path, dtype=dtype, progress=False)
     inputs = prompts(loaded, images=loaded.model.vision is not None)
     longest = max(len(p.tokens) for p in inputs) + 10
 
@@ -111,26 +117,27 @@ def test_same_bits_alone_batched_cached_chunked_and_preempted(model_path: Path, 
         assert built.runner.batch_invariant
         return built
 
-    # the reference: nothing cached, each request alone (only the first 8: every prompt is paid in
+    # the reference: nothing cached, each request alone (only the first 4: every prompt is paid in
     # full here and in `together`, the other runs are mostly cache hits or small chunks)
-    alone = run(engine(prefix_caching=False), inputs[:8], together=False)
+    alone = run(engine(prefix_caching=False), inputs[:4], together=False)
     assert len({tuple(tokens) for tokens, _ in alone}) > 1  # the answers differ from each other
 
-    together = run(engine(prefix_caching=False, max_num_batched_tokens=16 * longest), inputs, together=True)
-    assert together[:8] == alone
+    together = run(engine(prefix_caching=False, max_num_batched_tokens=16 * longest), inputs[:uncached], True)
+    assert together[:4] == alone
 
     cached = engine()
-    assert run(cached, inputs, together=True, warm=1) == together
+    every = run(cached, inputs, together=True, warm=1)
+    assert every[:uncached] == together
     assert cached.blocks.prefix_hits >= 15 * 592
 
     chunked = engine(max_num_batched_tokens=37)
     chunked.keep_step_log = True
-    assert run(chunked, inputs, together=True) == together
+    assert run(chunked, inputs, together=True) == every
     assert max(sum(n for _, n in step) for step in chunked.step_log) <= 37
 
     tiny_cache = kv_gib(loaded, longest + 64)
     preempted = engine(kv_cache_memory=tiny_cache, prefix_caching=False, max_num_batched_tokens=40)
-    assert run(preempted, inputs[:4], together=True) == alone[:4]
+    assert run(preempted, inputs[:3], together=True) == alone[:3]
     assert preempted.stats.preemptions > 0
 
 
