@@ -40,12 +40,12 @@ def prompts(loaded: LoadedModel, images: bool) -> list[PromptInputs]:
         parts.append({"type": "text", "text": " ".join(question(i).split()[:12])})
         chats.append([{"role": "user", "content": parts}])
     encoded = [loaded.tokenizer.encode_chat(chat) for chat in chats]
-    shared = os_commonprefix([e.tokens for e in encoded])
+    shared = shared_prefix([e.tokens for e in encoded])
     assert shared >= 600, shared
     return encoded
 
 
-def os_commonprefix(token_lists: list[list[int]]) -> int:
+def shared_prefix(token_lists: list[list[int]]) -> int:
     n = 0
     while all(len(t) > n and t[n] == token_lists[0][n] for t in token_lists):
         n += 1
@@ -192,7 +192,10 @@ FORCED = {  # each: the build it must give, and what forces it
 }
 
 
-@pytest.mark.skipif(bool(os.environ.get("LEVANTE_FORCED_ISA")), reason="already inside a forced-ISA run")
+@pytest.mark.skipif(
+    bool(os.environ.get("LEVANTE_FORCED_ISA")),
+    reason="this run is itself a forced-ISA subprocess of that test and must not start another",
+)
 @pytest.mark.parametrize("isa", list(FORCED))
 def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
     """This file's kernel and tiny-Mistral3 checks and the attention kernel's tests, in a

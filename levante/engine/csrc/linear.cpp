@@ -15,7 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)  // the epilogue rounds with VCVTNEPS2BF16
 #include <sys/syscall.h>
 #include <unistd.h>
 #define LEVANTE_AMX 1
