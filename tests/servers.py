@@ -22,9 +22,10 @@ from typing import Any
 def free_port() -> int:
     """A free port below the kernel's ephemeral range: a port the kernel handed out (bind to 0)
     and we closed could be handed out again to the server's own sockets (the tensor-parallel
-    store, gloo, Ray) before the server binds it."""
+    store, gloo, Ray) before the server binds it. It starts at 20000: Ray's own default ports
+    (client 10001, workers 10002-19999) lie below and refuse a head whose port is among them."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(10000, low), 200):
+    for port in random.sample(range(20000, max(low, 30000)), 200):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
