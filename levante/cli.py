@@ -71,6 +71,7 @@ def server_config(args: argparse.Namespace, engine: EngineConfig, **extra: Any) 
         served_model_name=args.served_model_name,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
         engine=engine,
         default_system_prompt=not args.no_system_prompt,
         **extra,
@@ -86,6 +87,7 @@ def make_llm(args: argparse.Namespace) -> LLM:
         device=args.device,
         engine=engine_config(args, max_num_seqs=1),  # one user at a time: one sequence's worth
         tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
     )
 
 
@@ -216,6 +218,12 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 where the hardware has it natively, else float32",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--quantization",
+        choices=["int8", "int4"],
+        help="quantize a float checkpoint's projections at load: int8 (symmetric) or int4 (asymmetric), "
+        "groups of 32 (GGUF Q8_0 / Q4_1); GGUF files keep their own quantization without it",
+    )
     p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from levante import kernels
 from levante.config import ModelConfig
 from levante.distributed import tensor_parallel
-from levante.errors import CheckpointError
+from levante.errors import CheckpointError, LevanteError
 from levante.model import Model, build_model
+from levante.model.quantized import quantizer
 from levante.tokenizer import Tokenizer, load_tokenizer
 from levante.weights import load_weights, open_checkpoint
 
@@ -50,21 +52,41 @@ class LoadedModel:
 
 
 def load_model(
-    path: str | Path, *, dtype: str = "float32", device: str = "cpu", progress: bool = True
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+    quantized: bool = True,
+    quantization: str | None = None,
 ) -> Model:
     """Builds the model on the meta device and fills it tensor by tensor, so peak memory stays
-    close to the model's own size; inside a tensor-parallel group, to this rank's share."""
+    close to the model's own size; inside a tensor-parallel group, to this rank's share. A GGUF's
+    quantized matrices stay quantized where the kernels allow it, unless `quantized` is False
+    (the same numbers either way, see `levante.model.quantized`); `quantization` (int8, int4)
+    quantizes a float checkpoint's projections as they load."""
     if dtype == "auto":
         dtype = auto_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
-    checkpoint = open_checkpoint(Path(path))
+    rank, world = tensor_parallel.rank_and_world()
+    # GGUF matrices stay quantized where Levante's CPU kernels compute with them; a tensor-parallel
+    # rank slices its weights, which the quantized blocks do not support yet
+    kernels_run = device == "cpu" and dtype in ("float32", "bfloat16") and world == 1 and kernels.load()
+    if quantization is not None and not kernels_run:
+        raise LevanteError(
+            "--quantization runs on Levante's CPU kernels: --device cpu, --dtype float32 or bfloat16, no "
+            "--tensor-parallel-size, and a C++ compiler"
+        )
+    transform = quantizer(quantization) if quantization is not None else None
+    checkpoint = open_checkpoint(Path(path), keep_quantized=quantized and kernels_run)
     with torch.device("meta"):
         model = build_model(checkpoint.config)
-    rank, world = tensor_parallel.rank_and_world()
     if world > 1:  # this rank's modules, and only its slices of the weights
         checkpoint = tensor_parallel.shard(model, rank, world).select(checkpoint)
-    load_weights(model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress)
+    load_weights(
+        model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress, transform=transform
+    )
     model.prepare()
     log.info("loaded %s (%s) as %s on %s", path, checkpoint.describe(), dtype, device)
     return model.eval()
@@ -77,11 +99,20 @@ def load(
     device: str = "cpu",
     progress: bool = True,
     default_system_prompt: bool = True,
+    quantized: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Model and tokenizer from one path (the demo model when None)."""
     resolved = Path(path) if path is not None else demo_model_path()
     if not resolved.exists():
         raise CheckpointError(f"{resolved}: no such file or directory")
     tokenizer = load_tokenizer(resolved, default_system_prompt=default_system_prompt)
-    model = load_model(resolved, dtype=dtype, device=device, progress=progress)
+    model = load_model(
+        resolved,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        quantized=quantized,
+        quantization=quantization,
+    )
     return LoadedModel(resolved, model.config, model, tokenizer)

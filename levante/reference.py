@@ -62,7 +62,7 @@ def generate_tokens(
 ) -> Iterator[tuple[int, float]]:
     """Yields (token id, logprob) one at a time: prefill the whole prompt, then decode one token
     per forward. Temperature 0 is greedy. Stops after a stop id (which is yielded) or max_tokens."""
-    device = model.decoder.embed_tokens.weight.device
+    device = model.decoder.norm.weight.device
     cache = DenseKVCache(len(model.decoder.layers))
     gen = torch.Generator(device=device)
     if seed is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from levante.engine import kernels
+from levante import kernels
 from levante.engine.attention import BatchLayout, CpuPagedAttention, TorchPagedAttention
 from levante.engine.kv_cache import KVStore
 

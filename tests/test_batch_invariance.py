@@ -20,7 +20,8 @@ from servers import ServerProcess
 from test_api import metrics
 from test_engine import data_url, question
 
-from levante.engine import EngineConfig, SamplingParams, kernels
+from levante import kernels
+from levante.engine import EngineConfig, SamplingParams
 from levante.engine.engine import Engine
 from levante.engine.kv_cache import KVStore
 from levante.loader import LoadedModel, demo_model_path, load
@@ -90,7 +91,7 @@ def kv_gib(loaded: LoadedModel, tokens: int) -> float:
 
 
 def _dtype(loaded: LoadedModel) -> torch.dtype:
-    return loaded.model.decoder.embed_tokens.weight.dtype
+    return loaded.model.decoder.norm.weight.dtype
 
 
 @pytest.fixture(scope="module", params=["demo", "tiny_mistral3"])
@@ -204,7 +205,7 @@ def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
     still run, on the code that machine would use."""
     build, forced = FORCED[isa]
     env = {**os.environ, **forced, "LEVANTE_FORCED_ISA": isa}
-    probe = [sys.executable, "-c", "from levante.engine import kernels; print(kernels.target()[0])"]
+    probe = [sys.executable, "-c", "from levante import kernels; print(kernels.target()[0])"]
     name = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert name.startswith(build) if build == "avx2" else name.endswith(build), name
     tests = [__file__, str(Path(__file__).with_name("test_attention.py"))]

@@ -11,21 +11,22 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize, quantize
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 from levante.config import Layout, from_hf
 from levante.errors import CheckpointError
 from levante.model import build_model
 from levante.testing.checkpoints import (
+    QUANT_MIX_SPEC,
     TinySpec,
     Weights,
     gguf_tensors,
     hf_config,
+    quant_mix_tensors,
     random_weights,
     write_gguf,
     write_hf,
@@ -272,47 +273,12 @@ def test_demo_gguf_matches_transformers_dequantization(demo_gguf: Path) -> None:
 
 # --- GGUF quantization types ---------------------------------------------------------------
 
-# Byte offsets of each block's float16 scale fields (ggml's block layouts); filled with sane
-# values so random blocks dequantize to finite numbers.
-_SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
-
-
-def random_blocks(
-    qtype: GGMLQuantizationType, shape: tuple[int, int], rng: np.random.Generator
-) -> np.ndarray:
-    block, size = GGML_QUANT_SIZES[qtype]
-    rows, cols = shape
-    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    for offset in _SCALES[qtype]:
-        scales = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16)
-        raw[..., offset : offset + 2] = scales[..., None].view(np.uint8)
-    return raw.reshape(rows, -1)
-
 
 def test_every_supported_quant_type_dequantizes_like_gguf_and_transformers(tmp_path: Path) -> None:
     """One tensor per type, including K-quants (256-wide blocks, so a wider model), q and k among
     them so the permutation runs on dequantized values."""
-    spec = TinySpec(
-        hidden_size=256, num_layers=1, head_dim=64, intermediate_size=256, vocab_size=512, vision=False
-    )
-    w = random_weights(spec, seed=2)
-    tensors = gguf_tensors(w, spec, matrix_type=Q.F16)
-    rng = np.random.default_rng(0)
-    for name, qtype in {
-        "blk.0.attn_q.weight": Q.Q4_K,
-        "blk.0.attn_k.weight": Q.Q5_K,
-        "blk.0.attn_v.weight": Q.Q6_K,
-        "blk.0.attn_output.weight": Q.Q4_0,
-        "blk.0.ffn_gate.weight": Q.Q4_1,
-        "blk.0.ffn_up.weight": Q.Q8_0,
-    }.items():
-        tensors[name] = (random_blocks(qtype, w[_internal("gguf", name)].shape, rng), qtype)
-    tensors["blk.0.ffn_down.weight"] = (
-        quantize(tensors["blk.0.ffn_down.weight"][0].astype(np.float32), Q.BF16),
-        Q.BF16,
-    )
-    tensors["output.weight"] = (tensors["output.weight"][0].astype(np.float32), Q.F32)
-    path = write_gguf(tmp_path / "quants.gguf", spec, tensors)
+    w, tensors = quant_mix_tensors()
+    path = write_gguf(tmp_path / "quants.gguf", QUANT_MIX_SPEC, tensors)
 
     _, ours = read_all(path)
     assert {qtype for _, qtype in tensors.values()} == SUPPORTED_TYPES

@@ -51,6 +51,7 @@ class ServerConfig:
     port: int = 8000
     dtype: str = "float32"
     device: str = "cpu"
+    quantization: str | None = None  # int8 | int4: quantize a float checkpoint at load
     engine: EngineConfig = field(default_factory=EngineConfig)
     api_key: str | None = None
     generation_config: str = "auto"  # auto (the model's file), vllm (none) or a directory
@@ -140,7 +141,11 @@ class Server:
 
         cfg = self.config
         loaded = load(
-            cfg.model, dtype=cfg.dtype, device=cfg.device, default_system_prompt=cfg.default_system_prompt
+            cfg.model,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            default_system_prompt=cfg.default_system_prompt,
+            quantization=cfg.quantization,
         )
         engine = AsyncEngine(Engine(loaded.model, loaded.tokenizer, cfg.engine))
         path = loaded.path

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from levante.engine import kernels
+from levante import kernels
 from levante.engine.kv_cache import KVStore
 from levante.model import causal_attention
 

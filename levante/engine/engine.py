@@ -376,7 +376,7 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     collective), sized for the KV heads its attention layers hold; all take the smallest block
     count, so one block table addresses every rank's cache."""
     text = model.config.text
-    weight = model.decoder.embed_tokens.weight
+    weight = model.decoder.norm.weight
     kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
     per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, weight.dtype)
     num_blocks = tensor_parallel.agree(_num_blocks(model, config, per_token, weight.device))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from levante.engine import kernels
+from levante import kernels
 from levante.model import Model
 from levante.model.layers import PackedLinear, pack_linears
 
@@ -40,7 +40,7 @@ def use_linear_kernels(model: Model, batch_invariant: bool) -> bool:
     now batch-invariant (False where Levante's kernels cannot run: not on CPU, float16, or no
     compiler). Tensor-parallel layers that are not `nn.Linear` take the kernel through their own
     `kernel` attribute, so their all-reduce stays theirs."""
-    weight = model.decoder.embed_tokens.weight
+    weight = model.decoder.norm.weight
     on_cpu = weight.device.type == "cpu"
     if batch_invariant and on_cpu and weight.dtype in (torch.float32, torch.bfloat16) and kernels.load():
         for parent, name, child in _children(model.decoder):

@@ -64,13 +64,14 @@ class LLM:
         device: str = "cpu",
         engine: EngineConfig | None = None,
         tensor_parallel_size: int = 1,
+        quantization: str | None = None,
     ) -> None:
         """`tensor_parallel_size` > 1 shards the model over that many processes: this one (rank 0)
         and workers it spawns (or torchrun's, which never return from here)."""
         engine = engine or EngineConfig()
         spec = tensor_parallel.WorkerSpec(None if model is None else str(model), dtype, device, engine)
         tensor_parallel.start(tensor_parallel_size, spec)
-        loaded = load(model, dtype=dtype, device=device, progress=False)
+        loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization)
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded.model, loaded.tokenizer, engine)
 

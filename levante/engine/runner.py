@@ -47,7 +47,7 @@ class Runner:
     ) -> None:
         self.model = model
         self.publish = publish  # tensor parallelism: sends each step to the other ranks
-        self.device = model.decoder.embed_tokens.weight.device
+        self.device = model.decoder.norm.weight.device
         self.block_size = block_size
         self.attention = paged_attention(store)
         self.batch_invariant = batch_invariant and isinstance(self.attention, CpuPagedAttention)

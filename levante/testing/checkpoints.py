@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from safetensors.torch import save_file
 
@@ -363,3 +363,60 @@ def write_gguf(path: Path, spec: TinySpec, tensors: GGUFTensors) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# Byte offsets of each block's float16 scale fields (ggml's block layouts); filled with sane
+# values so random blocks dequantize to finite numbers.
+_SCALES = {
+    GGMLQuantizationType.Q4_0: (0,),
+    GGMLQuantizationType.Q4_1: (0, 2),
+    GGMLQuantizationType.Q8_0: (0,),
+    GGMLQuantizationType.Q4_K: (0, 2),
+    GGMLQuantizationType.Q5_K: (0, 2),
+    GGMLQuantizationType.Q6_K: (208,),
+}
+
+
+def random_blocks(
+    qtype: GGMLQuantizationType, shape: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
+    """Valid random GGUF blocks of `qtype` for a [rows, cols] weight, written directly (gguf cannot
+    quantize to the K types): random codes, float16 scales in [1e-3, 1e-2]."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for offset in _SCALES[qtype]:
+        scales = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16)
+        raw[..., offset : offset + 2] = scales[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+# Text-only and wide enough for the K types' 256-weight blocks.
+QUANT_MIX_SPEC = TinySpec(
+    hidden_size=256, num_layers=1, head_dim=64, intermediate_size=256, vocab_size=512, vision=False
+)
+
+
+def quant_mix_tensors(seed: int = 2) -> tuple[Weights, GGUFTensors]:
+    """A GGUF of `QUANT_MIX_SPEC` holding every type the loader reads, one matrix each: q/k/v in
+    three different types (as llama.cpp's Q4_K_M recipe mixes them), gate and up apart, down in
+    BF16, the head in F32. Returns the float weights it started from (those of the F16/BF16/F32
+    tensors; the quantized ones are random blocks) and the tensors."""
+    q = GGMLQuantizationType
+    w = random_weights(QUANT_MIX_SPEC, seed=seed)
+    tensors = gguf_tensors(w, QUANT_MIX_SPEC, matrix_type=q.F16)
+    rng = np.random.default_rng(0)
+    for name, qtype in {
+        "blk.0.attn_q.weight": q.Q4_K,
+        "blk.0.attn_k.weight": q.Q5_K,
+        "blk.0.attn_v.weight": q.Q6_K,
+        "blk.0.attn_output.weight": q.Q4_0,
+        "blk.0.ffn_gate.weight": q.Q4_1,
+        "blk.0.ffn_up.weight": q.Q8_0,
+    }.items():
+        rows, cols = tensors[name][0].shape  # F16 values so far
+        tensors[name] = (random_blocks(qtype, (rows, cols), rng), qtype)
+    down = tensors["blk.0.ffn_down.weight"][0].astype(np.float32)
+    tensors["blk.0.ffn_down.weight"] = (quantize(down, q.BF16), q.BF16)
+    tensors["output.weight"] = (tensors["output.weight"][0].astype(np.float32), q.F32)
+    return w, tensors

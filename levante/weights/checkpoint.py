@@ -14,6 +14,7 @@ import torch
 
 from levante.config import Layout, ModelConfig, from_hf, from_params
 from levante.errors import CheckpointError
+from levante.model.quantized import QuantizedTensor
 from levante.weights.gguf_file import GGUFFile
 from levante.weights.names import LM_HEAD, internal_name
 from levante.weights.rotary import rotary_heads, to_rotate_half
@@ -29,7 +30,7 @@ class TensorSource(Protocol):
 
     def files(self) -> tuple[Path, ...]: ...
     def names(self) -> list[str]: ...
-    def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor | QuantizedTensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class TensorEntry:
     name: str  # the model parameter it feeds
     source: str  # its name in the file
     file: Path
-    tensor: torch.Tensor
+    tensor: torch.Tensor | QuantizedTensor  # the latter only from a GGUF opened keep_quantized
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,13 @@ class Checkpoint:
                         f"{file}: tensor {source!r} of shape {tuple(tensor.shape)} does not split into "
                         f"{heads} heads of even size"
                     )
-                tensor = to_rotate_half(tensor, heads)
+                if isinstance(tensor, QuantizedTensor):  # rows are whole blocks: permute them as they are
+                    tensor = tensor.with_blocks(to_rotate_half(tensor.blocks, heads))
+                else:
+                    tensor = to_rotate_half(tensor, heads)
             yield TensorEntry(name, source, file, tensor)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """(model parameter name, tensor), one at a time."""
         for entry in self.entries():
             yield entry.name, entry.tensor
@@ -141,9 +145,10 @@ def _open_directory(path: Path) -> tuple[ModelConfig, TensorSource]:
     return from_hf(path / "config.json"), files
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], keep_quantized: bool = False) -> Checkpoint:
     """A model directory (HF and/or Mistral-native) or a .gguf file: its config now, its
-    tensors on demand. Every file header is checked here, before any tensor is read."""
+    tensors on demand. Every file header is checked here, before any tensor is read. With
+    `keep_quantized`, a GGUF's quantized matrices come as `QuantizedTensor`s."""
     path = Path(path)
     source: TensorSource
     if not path.exists():
@@ -151,7 +156,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if path.is_dir():
         config, source = _open_directory(path)
     elif path.suffix == ".gguf":
-        gguf = GGUFFile(path)
+        gguf = GGUFFile(path, keep_quantized)
         config, source = gguf.config, gguf
     else:
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")

@@ -1,9 +1,11 @@
-"""GGUF files (llama.cpp): the metadata gives the ModelConfig; tensors are dequantized to float32
-one at a time by gguf's reference code, so no quantized kernels are needed to load them."""
+"""GGUF files (llama.cpp): the metadata gives the ModelConfig. Quantized matrices stay in their
+blocks where Levante's kernels can compute with them (`keep_quantized`); every other tensor, and
+all of them without those kernels, is dequantized to float32 one at a time by gguf's reference code."""
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from gguf.quants import dequantize
 
 from levante.config import ModelConfig, from_gguf_fields
 from levante.errors import CheckpointError
+from levante.model.quantized import BLOCKS, QuantizedTensor
 
 _T = GGMLQuantizationType
 # The types the tests check against gguf's reference dequantization; others fail up front.
@@ -44,18 +47,27 @@ def _parse(path: Path, mtime_ns: int, size: int) -> GGUFContents:
     return GGUFContents(reader.tensors, {key: field.contents() for key, field in reader.fields.items()})
 
 
+def _mapped(data: np.ndarray) -> torch.Tensor:
+    """The blocks as a tensor over the memory-mapped file itself, as llama.cpp maps its weights:
+    no copy, pages read on first use and shared with the page cache. Nothing writes to weights,
+    so the mapping being read-only (which torch warns about) does not matter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data)
+
+
 class GGUFFile:
     """An opened GGUF file whose every tensor has been checked to be present and of a
     supported type; `config` comes from its metadata."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_quantized: bool = False) -> None:
         try:
             # The reader memory-maps the file and slices each tensor out of it: a truncated
             # file fails here, on the first tensor that runs past the end.
             contents = read_gguf(path)
         except (ValueError, IndexError, KeyError, OSError) as e:
             raise CheckpointError(f"{path}: not a valid GGUF file ({e})") from None
-        self.path = path
+        self.path, self.keep_quantized = path, keep_quantized
         self._tensors = contents.tensors
         for t in self._tensors:
             if t.tensor_type not in SUPPORTED_TYPES:
@@ -71,9 +83,13 @@ class GGUFFile:
     def names(self) -> list[str]:
         return [t.name for t in self._tensors]
 
-    def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor]]:
-        """(name in the file, file, float32 tensor in PyTorch's row-major shape)."""
+    def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor | QuantizedTensor]]:
+        """(name in the file, file, tensor in PyTorch's row-major shape): float32, or the file's own
+        blocks (copied out of the mapping) for a matrix of a type the kernels read."""
         for t in self._tensors:
+            if self.keep_quantized and t.tensor_type in BLOCKS and len(t.shape) == 2:
+                yield t.name, self.path, QuantizedTensor(_mapped(t.data), int(t.tensor_type), int(t.shape[0]))
+                continue
             # F32 dequantizes to a read-only view of the mapped file: copy it (only then).
             values = np.require(dequantize(t.data, t.tensor_type), requirements=["C", "W"])
             yield t.name, self.path, torch.from_numpy(values)

@@ -1,4 +1,4 @@
-"""Levante's CPU operators (`torch.ops.levante.linear`, `torch.ops.levante.paged_attention`),
+"""Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `paged_attention`),
 compiled from `csrc/` at first use and registered with torch.library.
 
 The build is keyed by the instruction set it targets, so a cache shared between machines never
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("levante.engine")
+log = logging.getLogger("levante.kernels")
 
 SOURCES = Path(__file__).parent / "csrc"
 
@@ -86,3 +86,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int | None = Non
     """x·weightᵀ with a summation order fixed per output element (see csrc/linear.cpp); `weight`
     as given or packed by `pack` (then `out_features` is required)."""
     return torch.ops.levante.linear(x, weight, weight.shape[0] if out_features is None else out_features)
+
+
+def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """x·wᵀ where w [N, in_features] is GGUF blocks of ggml type `qtype` ([N, bytes per row] uint8):
+    the same bits `linear` gives on w dequantized to x's dtype (see csrc/quant.cpp)."""
+    return torch.ops.levante.quant_linear(x, blocks, qtype, in_features)
+
+
+def dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """GGUF blocks [N, bytes per row] → [N, in_features] of `dtype` (float32 or bfloat16), as gguf's
+    reference dequantizer and a cast to `dtype` give them."""
+    out = torch.empty(blocks.shape[0], in_features, dtype=dtype, device=blocks.device)
+    torch.ops.levante.dequantize(blocks, qtype, out)
+    return out

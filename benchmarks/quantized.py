@@ -1,0 +1,92 @@
+"""Quantized weights on the demo model, one run: memory, perplexity, prefill and decode speed of
+its GGUF kept quantized (Q4_1 + Q8_0 blocks), the same GGUF dequantized at load (bfloat16), and
+`--quantization int8|int4` applied to those bfloat16 weights at load.
+
+Perplexity is over the first --tokens tokens of a fixed text in the repository (the HumanEval
+sample prompts: code and English docstrings), one uncached forward per model. Speed is offline
+through the engine: one --prompt-len-token prompt generating one token (prefill tok/s), then one
+short prompt generating --decode-tokens tokens with ignore_eos (single-stream decode tok/s).
+
+    python benchmarks/quantized.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from levante.engine import Engine, EngineConfig, SamplingParams
+from levante.engine.linears import use_linear_kernels
+from levante.loader import demo_model_path, load
+from levante.model import Model, causal_attention
+from levante.tokenizer import PromptInputs
+
+TEXT = Path(__file__).parents[1] / "levante" / "evals" / "samples" / "humaneval.jsonl"
+
+
+def weight_bytes(model: Model) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def perplexity(model: Model, ids: list[int]) -> float:
+    def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v)
+
+    tokens = torch.tensor(ids)
+    with torch.inference_mode():
+        logits = model.logits(model(tokens, torch.arange(len(ids)), attention))
+    nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:])
+    return float(nll.exp())
+
+
+def timed(engine: Engine, prompt: list[int], tokens: int) -> float:
+    engine.add_request(
+        "r", PromptInputs(prompt), SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    )
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    text = "\n".join(json.loads(line)["prompt"] for line in TEXT.read_text().splitlines())
+    variants = {
+        "GGUF kept quantized": dict(quantized=True),
+        "GGUF dequantized at load": dict(quantized=False),
+        "--quantization int8": dict(quantized=False, quantization="int8"),
+        "--quantization int4": dict(quantized=False, quantization="int4"),
+    }
+    print(
+        f"demo model {demo_model_path().name}, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(f"| {'weights':26} | MB | perplexity | prefill tok/s | decode tok/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, kw in variants.items():
+        loaded = load(None, dtype=args.dtype, progress=False, **kw)
+        use_linear_kernels(loaded.model, batch_invariant=True)
+        ids = loaded.tokenizer.encode(text, add_bos=True)[: args.tokens]
+        ppl = perplexity(loaded.model, ids)
+        engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_memory=0.2, max_num_seqs=1))
+        timed(engine, ids[:16], 4)  # warm-up
+        prefill = args.prompt_len / timed(engine, ids[: args.prompt_len], 1)
+        decode = args.decode_tokens / timed(engine, ids[:8], args.decode_tokens)
+        mb = weight_bytes(loaded.model) / 1e6
+        print(f"| {name:26} | {mb:.0f} | {ppl:.4f} | {prefill:.0f} | {decode:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

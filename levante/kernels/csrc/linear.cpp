@@ -1,0 +1,135 @@
+// y = x·wᵀ with one fixed summation order per output element.
+//
+// Library GEMMs (MKL, oneDNN) pick blockings, split-K and micro-kernels by the number of rows, so
+// the same row of x gives other bits next to other rows. Here y[m, n] is always computed the same
+// way: lane l of one vector accumulator sums, in increasing k, the products of the k that fall in
+// lane l (with AVX512-BF16, the pair k = 2l, 2l+1 of each 32-wide step, as VDPBF16PS does), then
+// vsum() adds the lanes in a fixed tree. That order depends on K alone: tiles, the thread split,
+// the batch size and the row's place in it only decide which accumulators run side by side.
+//
+// bfloat16 weights on a CPU with AMX are packed once into tiles instead: each output element is
+// then one fp32 accumulator that TDPBF16PS advances by 32 products per K step, in K order, and a
+// row of the A tile never meets another row (x is copied into zero-padded 16-row tiles, so every
+// row, the padding's too, takes the same path whatever the batch size).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "gemm.h"
+
+#ifdef LEVANTE_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace levante {
+
+bool amx_available() {
+#ifdef LEVANTE_AMX
+  static const bool ok = [] {  // Linux hands out the tile state only to processes that ask for it
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+template <typename T>
+void gemm(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t tiles = (N + NR - 1) / NR;
+  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t m1 = std::min(M, m0 + MC);
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t n = t * NR, cols = std::min<int64_t>(NR, N - n);
+        for (int64_t m = m0; m < m1; m += MR)
+          any_tile(std::min<int64_t>(MR, m1 - m), cols, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N, K);
+      }
+    }
+  });
+}
+
+// [N, K] → [ceil(N/32), ceil(K/32), 2, 16, 32]: amx_pack_block per block of 32 outputs.
+at::Tensor pack_linear(const at::Tensor& weight) {
+  TORCH_CHECK(amx_available() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2,
+              "levante::pack_linear: bfloat16 [N, K] weights on a CPU with AMX only");
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), nb = (N + kBlockN - 1) / kBlockN, kb = (K + kTileK - 1) / kTileK;
+  const int64_t kpad = kb * kTileK;
+  at::Tensor out = at::empty({nb, kb, 2, kTile, kTileK}, w.options());
+  const auto* src = w.data_ptr<c10::BFloat16>();
+  auto* dst = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, nb, 1, [&](int64_t first, int64_t last) {
+    std::vector<c10::BFloat16> rows(kBlockN * kpad);
+    for (int64_t b = first; b < last; ++b) {
+      std::fill(rows.begin(), rows.end(), c10::BFloat16(0.f));
+      for (int64_t n = b * kBlockN; n < std::min(N, (b + 1) * kBlockN); ++n)
+        std::memcpy(rows.data() + (n - b * kBlockN) * kpad, src + n * K, K * sizeof(c10::BFloat16));
+      amx_pack_block(rows.data(), kpad, kb, dst + b * kb * 2 * kTile * kTileK);
+    }
+  });
+  return out;
+}
+
+#ifdef LEVANTE_AMX
+void gemm_amx(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* packed, c10::BFloat16* y, int64_t M,
+              int64_t N, int64_t K) {
+  const int64_t kb = (K + kTileK - 1) / kTileK, mb = (M + kTile - 1) / kTile, nb = (N + kBlockN - 1) / kBlockN;
+  const std::vector<c10::BFloat16> a = amx_rows(x, ldx, M, K, kb * kTileK);
+  at::parallel_for(0, nb, 1, [&](int64_t first, int64_t last) {
+    amx_configure();
+    constexpr int64_t kChunk = MC / kTile;  // row tiles kept hot while the thread walks its weights
+    for (int64_t m0 = 0; m0 < mb; m0 += kChunk)
+      for (int64_t b = first; b < last; ++b)
+        amx_block(a.data(), kb, m0, std::min(mb, m0 + kChunk), packed + b * kb * 2 * kTile * kTileK, b, y, M, N);
+    _tile_release();
+  });
+}
+#endif
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t out_features) {
+  TORCH_CHECK(weight.is_contiguous(), "levante::linear: weight must be dense");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "levante::linear: x and weight dtypes differ");
+  const bool tiles = weight.dim() == 5;  // packed by pack_linear
+  TORCH_CHECK(tiles || weight.dim() == 2, "levante::linear: weight must be [N, K] or packed");
+  const int64_t K = x.size(-1), N = out_features;
+  TORCH_CHECK(tiles ? weight.size(1) == (K + kTileK - 1) / kTileK && weight.size(0) * kBlockN >= N
+                    : weight.size(0) == N && weight.size(1) == K,
+              "levante::linear: x has ", K, " features; the weight does not match it and ", N, " outputs");
+  at::Tensor rows = x.reshape({-1, K});
+  if (rows.stride(1) != 1) rows = rows.contiguous();
+  const int64_t M = rows.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && tiles) {
+#ifdef LEVANTE_AMX
+    gemm_amx(rows.data_ptr<c10::BFloat16>(), rows.stride(0), weight.data_ptr<c10::BFloat16>(),
+             y.data_ptr<c10::BFloat16>(), M, N, K);
+#else
+    TORCH_CHECK(false, "levante::linear: weights packed for AMX, in a build without AMX");
+#endif
+  } else if (M > 0) {
+    if (x.scalar_type() == at::kBFloat16) {
+      gemm(rows.data_ptr<c10::BFloat16>(), rows.stride(0), weight.data_ptr<c10::BFloat16>(),
+           y.data_ptr<c10::BFloat16>(), M, N, K);
+    } else {
+      TORCH_CHECK(x.scalar_type() == at::kFloat, "levante::linear: float32 or bfloat16 only");
+      gemm(rows.data_ptr<float>(), rows.stride(0), weight.data_ptr<float>(), y.data_ptr<float>(), M, N, K);
+    }
+  }
+  return y.view(shape);
+}
+
+}  // namespace
+}  // namespace levante
+
+TORCH_LIBRARY_IMPL(levante, CPU, m) {
+  m.impl("linear", &levante::linear);
+  m.impl("pack_linear", &levante::pack_linear);
+}
+TORCH_LIBRARY_FRAGMENT(levante, m) { m.def("amx_available() -> bool", &levante::amx_available); }

@@ -1,0 +1,240 @@
+// y = x·wᵀ over GGUF-quantized weights kept as the file stores them (llama.cpp's block formats).
+//
+// Each thread dequantizes a group of output rows into the compute dtype, exactly as gguf's
+// reference dequantizer and a cast would (one rounding per weight: every product below is exact
+// in float32), then runs the dense kernel's tiles over it for every row of x. So a quantized
+// layer gives the same bits as its dequantized copy would through `levante::linear`, and is
+// batch-invariant for the same reason; what it saves is memory and the bytes read per token.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "gemm.h"
+
+namespace levante {
+namespace {
+
+// ggml's type ids
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+struct Format {
+  int64_t elements, bytes;  // per block
+};
+
+Format format(int64_t type) {
+  switch (type) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
+  }
+}
+
+inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block.
+inline void scale_min(const uint8_t* s, int j, float& sc, float& m) {
+  if (j < 4) {
+    sc = s[j] & 63, m = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4), m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// One block → float32, in gguf's order of operations.
+void decode(int64_t type, const uint8_t* b, float* y) {
+  switch (type) {
+    case Q4_0: {
+      const float d = half(b);
+      for (int l = 0; l < 16; ++l) {
+        y[l] = d * static_cast<float>((b[2 + l] & 15) - 8);
+        y[l + 16] = d * static_cast<float>((b[2 + l] >> 4) - 8);
+      }
+      return;
+    }
+    case Q4_1: {
+      const float d = half(b), m = half(b + 2);
+      for (int l = 0; l < 16; ++l) {
+        y[l] = d * static_cast<float>(b[4 + l] & 15) + m;
+        y[l + 16] = d * static_cast<float>(b[4 + l] >> 4) + m;
+      }
+      return;
+    }
+    case Q8_0: {
+      const float d = half(b);
+      for (int l = 0; l < 32; ++l) y[l] = d * static_cast<float>(static_cast<int8_t>(b[2 + l]));
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {  // 8 sub-blocks of 32: low then high nibbles of each 32 bytes; Q5_K adds a 5th bit
+      const float d = half(b), dmin = half(b + 2);
+      const uint8_t *scales = b + 4, *qh = b + 16, *qs = type == Q4_K ? b + 16 : b + 48;
+      for (int j = 0; j < 8; ++j) {
+        float sc, m;
+        scale_min(scales, j, sc, m);
+        const float dj = d * sc, mj = dmin * m;
+        const uint8_t* q = qs + (j / 2) * 32;
+        const int shift = (j % 2) * 4;
+        for (int l = 0; l < 32; ++l) {
+          const int high = type == Q5_K ? ((qh[l] >> j) & 1) << 4 : 0;
+          y[j * 32 + l] = dj * static_cast<float>(((q[l] >> shift) & 15) | high) - mj;
+        }
+      }
+      return;
+    }
+    case Q6_K: {  // 16 sub-blocks of 16; low 4 bits in ql, high 2 in qh, signed scales
+      const uint8_t *ql = b, *qh = b + 128;
+      const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = half(b + 208);
+      for (int c = 0; c < 8; ++c) {
+        const int h = c / 4, r = c % 4;
+        const uint8_t* lo = ql + h * 64 + (r % 2) * 32;
+        const uint8_t* hi = qh + h * 32;
+        for (int l = 0; l < 32; ++l) {
+          const int e = c * 32 + l;
+          const int q = (((lo[l] >> (r / 2 * 4)) & 15) | (((hi[l] >> (2 * r)) & 3) << 4)) - 32;
+          y[e] = (d * static_cast<float>(scales[e / 16])) * static_cast<float>(q);
+        }
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
+  }
+}
+
+inline void convert(const float* x, float* y, int64_t n) { std::memcpy(y, x, n * sizeof(float)); }
+
+inline void convert(const float* x, c10::BFloat16* y, int64_t n) {  // round to nearest even, as a cast does
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) y[i] = c10::BFloat16(x[i]);
+}
+
+// One row of K weights (K a whole number of blocks) → T.
+template <typename T>
+void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
+  const Format f = format(type);
+  alignas(64) float block[256];
+  for (int64_t k = 0; k < K; k += f.elements, row += f.bytes) {
+    decode(type, row, block);
+    convert(block, y + k, f.elements);
+  }
+}
+
+struct Weights {
+  const uint8_t* data;
+  int64_t row_bytes, type;
+  const uint8_t* row(int64_t n) const { return data + n * row_bytes; }
+};
+
+template <typename T>
+void qgemm(const T* x, int64_t ldx, Weights w, T* y, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t NB = 16;  // output rows dequantized together: a few KiB to a few hundred, in cache
+  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t first, int64_t last) {
+    std::vector<T> buf(NB * K);
+    for (int64_t g = first; g < last; ++g) {
+      const int64_t n0 = g * NB, rows = std::min(NB, N - n0);
+      for (int64_t r = 0; r < rows; ++r) dequantize_row(w.type, w.row(n0 + r), buf.data() + r * K, K);
+      for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        const int64_t m1 = std::min(M, m0 + MC);
+        for (int64_t n = n0; n < n0 + rows; n += NR)
+          for (int64_t m = m0; m < m1; m += MR)
+            any_tile(std::min<int64_t>(MR, m1 - m), std::min<int64_t>(NR, n0 + rows - n), x + m * ldx, ldx,
+                     buf.data() + (n - n0) * K, K, y + m * N + n, N, K);
+      }
+    }
+  });
+}
+
+#ifdef LEVANTE_AMX
+void qgemm_amx(const c10::BFloat16* x, int64_t ldx, Weights w, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t kb = (K + kTileK - 1) / kTileK, kpad = kb * kTileK, mb = (M + kTile - 1) / kTile;
+  const std::vector<c10::BFloat16> a = amx_rows(x, ldx, M, K, kpad);
+  at::parallel_for(0, (N + kBlockN - 1) / kBlockN, 1, [&](int64_t first, int64_t last) {
+    amx_configure();
+    std::vector<c10::BFloat16> rows(kBlockN * kpad), packed(kBlockN * kpad);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t n0 = b * kBlockN, count = std::min(kBlockN, N - n0);
+      if (count < kBlockN) std::fill(rows.begin() + count * kpad, rows.end(), c10::BFloat16(0.f));
+      for (int64_t r = 0; r < count; ++r) dequantize_row(w.type, w.row(n0 + r), rows.data() + r * kpad, K);
+      amx_pack_block(rows.data(), kpad, kb, packed.data());
+      amx_block(a.data(), kb, 0, mb, packed.data(), b, y, M, N);
+    }
+    _tile_release();
+  });
+}
+#endif
+
+void check(const at::Tensor& blocks, int64_t type, int64_t K) {
+  const Format f = format(type);
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
+              "levante: quantized weights must be dense uint8 [N, bytes per row]");
+  TORCH_CHECK(K % f.elements == 0 && blocks.size(1) == K / f.elements * f.bytes, "levante: a row of ",
+              blocks.size(1), " bytes does not hold ", K, " weights of GGUF type ", type);
+}
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t in_features) {
+  check(blocks, type, in_features);
+  const int64_t K = in_features, N = blocks.size(0);
+  TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
+  at::Tensor rows = x.reshape({-1, K});
+  if (rows.stride(1) != 1) rows = rows.contiguous();
+  const int64_t M = rows.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const Weights w{blocks.data_ptr<uint8_t>(), blocks.size(1), type};
+  if (M == 0) return y.view(shape);
+  if (x.scalar_type() == at::kBFloat16) {
+    const auto* xp = rows.data_ptr<c10::BFloat16>();
+    auto* yp = y.data_ptr<c10::BFloat16>();
+#ifdef LEVANTE_AMX
+    if (amx_available()) return qgemm_amx(xp, rows.stride(0), w, yp, M, N, K), y.view(shape);
+#endif
+    qgemm(xp, rows.stride(0), w, yp, M, N, K);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "levante::quant_linear: float32 or bfloat16 only");
+    qgemm(rows.data_ptr<float>(), rows.stride(0), w, y.data_ptr<float>(), M, N, K);
+  }
+  return y.view(shape);
+}
+
+// Rows of quantized weights → `out` [rows, K] (float32 or bfloat16): embedding lookups and tests.
+void dequantize(const at::Tensor& blocks, int64_t type, at::Tensor& out) {
+  const int64_t K = out.size(1);
+  check(blocks, type, K);
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == blocks.size(0),
+              "levante::dequantize: out must be dense [rows, K]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16,
+              "levante::dequantize: float32 or bfloat16 only");
+  const Weights w{blocks.data_ptr<uint8_t>(), blocks.size(1), type};
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, blocks.size(0), 16, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n) {
+      if (bf16) {
+        dequantize_row(type, w.row(n), out.data_ptr<c10::BFloat16>() + n * K, K);
+      } else {
+        dequantize_row(type, w.row(n), out.data_ptr<float>() + n * K, K);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace levante
+
+TORCH_LIBRARY_IMPL(levante, CPU, m) {
+  m.impl("quant_linear", &levante::quant_linear);
+  m.impl("dequantize", &levante::dequantize);
+}

@@ -1,0 +1,174 @@
+"""GGUF weights kept quantized: the kernels against gguf's reference dequantization and against the
+dense kernel on the dequantized weight (the stated bound is zero: the same bits), a mixed-type
+checkpoint and the demo model against their dequantize-at-load selves, and bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+from test_batch_invariance import prompts, run
+
+from levante import kernels
+from levante.engine import Engine, EngineConfig
+from levante.engine.linears import use_linear_kernels
+from levante.errors import LevanteError
+from levante.loader import demo_model_path, load, load_model
+from levante.model import Model, causal_attention
+from levante.model.quantized import BLOCKS, SCHEMES, ConcatLinear, QuantEmbedding, QuantLinear, quantizer
+from levante.testing.checkpoints import QUANT_MIX_SPEC, quant_mix_tensors, random_blocks, write_gguf
+
+Q = GGMLQuantizationType
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert kernels.load(), "the CPU kernels did not build"
+
+
+def test_the_kernels_read_every_type_gguf_writes() -> None:
+    assert set(BLOCKS) == {int(t) for t in TYPES}
+    assert all(BLOCKS[int(t)] == GGML_QUANT_SIZES[t] for t in TYPES)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantized_matmul_is_the_dense_kernel_on_gguf_dequantized_weights(
+    qtype: GGMLQuantizationType, dtype: torch.dtype
+) -> None:
+    """Every row count from one to past two AMX tile pairs, N not a multiple of any tile."""
+    rng = np.random.default_rng(int(qtype))
+    n, k = 75, 512
+    raw = random_blocks(qtype, (n, k), rng)
+    blocks = torch.from_numpy(raw)
+    reference = torch.from_numpy(dequantize(raw, qtype).reshape(n, k).copy()).to(dtype)
+    assert torch.equal(kernels.dequantize(blocks, int(qtype), k, dtype), reference)
+    dense = kernels.pack(reference)
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    full = kernels.quant_linear(x, blocks, int(qtype), k)
+    assert torch.equal(full, kernels.linear(x, dense, n))
+    for m in (1, 2, 5, 16, 17, 33):
+        assert torch.equal(kernels.quant_linear(x[-m:], blocks, int(qtype), k), full[-m:]), m
+
+
+def test_a_mixed_type_gguf_loads_quantized_and_computes_what_its_dequantized_load_does(
+    tmp_path: Path,
+) -> None:
+    _, tensors = quant_mix_tensors()
+    path = write_gguf(tmp_path / "mix.gguf", QUANT_MIX_SPEC, tensors)
+    ids = torch.tensor([1, 5, 9, 200, 511])
+    for dtype in ("float32", "bfloat16"):
+        quantized = load_model(path, dtype=dtype, progress=False)
+        dense = load_model(path, dtype=dtype, progress=False, quantized=False)
+        layer = quantized.decoder.layers[0]
+        # q, k and v are Q4_K, Q5_K and Q6_K: they cannot share one tensor, so they run side by side
+        assert isinstance(layer.self_attn.qkv_proj, ConcatLinear)
+        assert isinstance(layer.self_attn.o_proj, QuantLinear)
+        assert isinstance(layer.mlp.down_proj, torch.nn.Linear)  # BF16 in the file: dense, as before
+        assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in dense.modules())
+        for model in (quantized, dense):
+            assert use_linear_kernels(model, batch_invariant=True)
+        hidden = [_forward(m, ids) for m in (quantized, dense)]
+        assert torch.equal(hidden[0], hidden[1]), dtype
+
+
+def _forward(model: Model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one uncached forward over `ids`."""
+
+    def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v)
+
+    with torch.inference_mode():
+        return model.logits(model(ids, torch.arange(len(ids)), attention))
+
+
+def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_with_the_same_bits() -> None:
+    quantized = load(demo_model_path(), dtype="bfloat16", progress=False)
+    dense = load(demo_model_path(), dtype="bfloat16", progress=False, quantized=False)
+    decoder = quantized.model.decoder
+    assert isinstance(decoder.embed_tokens, QuantEmbedding) and isinstance(decoder.lm_head, QuantLinear)
+    assert decoder.lm_head.blocks is decoder.embed_tokens.blocks  # tied: one copy of the table
+    weight_bytes = sum(b.numel() * b.element_size() for b in quantized.model.buffers())
+    weight_bytes += sum(p.numel() * p.element_size() for p in quantized.model.parameters())
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.parameters())
+    assert weight_bytes < 0.4 * dense_bytes, (weight_bytes, dense_bytes)
+
+    inputs = prompts(quantized, images=False)[:8]
+    answers = []
+    for loaded in (quantized, dense):
+        engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_memory=0.05, max_num_seqs=8))
+        answers.append(run(engine, inputs, together=True))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    ids=["type", "row-bytes", "features", "dtype", "blocks"],
+    argvalues=[
+        (
+            lambda b: kernels.quant_linear(torch.randn(2, 512), b, 7, 512),
+            "unsupported GGUF quantization type 7",
+        ),
+        (
+            lambda b: kernels.quant_linear(torch.randn(2, 256), b, int(Q.Q4_0), 256),
+            "does not hold 256 weights",
+        ),
+        (lambda b: kernels.quant_linear(torch.randn(2, 500), b, int(Q.Q4_0), 512), "x has 500 features"),
+        (
+            lambda b: kernels.quant_linear(torch.randn(2, 512).half(), b, int(Q.Q4_0), 512),
+            "float32 or bfloat16",
+        ),
+        (lambda b: kernels.dequantize(b.float(), int(Q.Q4_0), 512, torch.float32), "dense uint8"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_reason(
+    call: Callable[[torch.Tensor], object], message: str
+) -> None:
+    blocks = torch.from_numpy(random_blocks(Q.Q4_0, (4, 512), np.random.default_rng(0)))
+    with pytest.raises(RuntimeError, match=message):
+        call(blocks)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantization_at_load_turns_a_float_checkpoints_projections_into_blocks(
+    tiny_mistral: Path, scheme: str
+) -> None:
+    """Projections and the LM head become gguf's own blocks of the scheme's types; the embedding
+    table, norms and the vision tower stay float; the logits stay within the scheme's error."""
+    dense = load_model(tiny_mistral, dtype="float32", progress=False)
+    quant = load_model(tiny_mistral, dtype="float32", progress=False, quantization=scheme)
+    layers, head = SCHEMES[scheme]
+    decoder = quant.decoder
+    projections = [m for m in decoder.layers.modules() if isinstance(m, QuantLinear)]
+    assert len(projections) == 7 * len(decoder.layers)  # q, k, v, o, gate, up, down
+    assert {m.qtype for m in projections} == {int(layers)}
+    assert isinstance(decoder.lm_head, QuantLinear) and decoder.lm_head.qtype == int(head)
+    assert type(decoder.embed_tokens) is torch.nn.Embedding
+    assert quant.vision is not None and not any(isinstance(m, QuantLinear) for m in quant.vision.modules())
+
+    w = dense.decoder.lm_head.weight.detach().numpy()
+    expected = dequantize(quantize(w, head), head).reshape(w.shape)
+    assert torch.equal(decoder.lm_head.weight.dequantize(torch.float32), torch.from_numpy(expected))
+
+    for model in (dense, quant):
+        use_linear_kernels(model, batch_invariant=True)
+    ids = torch.arange(100, 164)
+    want, got = _forward(dense, ids), _forward(quant, ids)
+    error = float((got - want).norm() / want.norm())
+    # measured: 0.021 (int8) and 0.255 (int4) of the logits' norm on this random model, whose
+    # Gaussian weights are the worst case for 4 bits; quality on a real model: benchmarks/quantized.py
+    assert error < {"int8": 0.03, "int4": 0.35}[scheme], (scheme, error)
+
+
+def test_quantization_is_refused_where_the_kernels_do_not_run(tiny_mistral: Path) -> None:
+    with pytest.raises(LevanteError, match="--quantization runs on Levante's CPU kernels"):
+        load_model(tiny_mistral, dtype="float16", progress=False, quantization="int8")
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4, not 'int3'"):
+        quantizer("int3")
