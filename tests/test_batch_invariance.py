@@ -199,7 +199,8 @@ FORCED = {  # each: the build it must give, and what forces it
 )
 @pytest.mark.parametrize("isa", list(FORCED))
 def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
-    """This file's kernel and tiny-Mistral3 checks and the attention kernel's tests, in a
+    """This file's kernel and tiny-Mistral3 checks, the attention kernel's tests and the quantized
+    matmul's (each type's vectorized or plain decoding against gguf's), in a
     subprocess whose kernels (and ATen's and oneDNN's) are built for a narrower ISA than this
     machine's. On a machine that lacks an ISA the build for it is the machine's own: the checks
     still run, on the code that machine would use."""
@@ -208,7 +209,10 @@ def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
     probe = [sys.executable, "-c", "from levante import kernels; print(kernels.target()[0])"]
     name = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert name.startswith(build) if build == "avx2" else name.endswith(build), name
-    tests = [__file__, str(Path(__file__).with_name("test_attention.py"))]
+    tests = [
+        __file__,
+        *(str(Path(__file__).with_name(f)) for f in ("test_attention.py", "test_quantized.py")),
+    ]
     command = [
         sys.executable,
         "-m",
@@ -218,7 +222,7 @@ def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
         "no:cacheprovider",
         *tests,
         "-k",
-        "not demo and not served",
+        "not demo and not served and not at_load",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -105,6 +105,20 @@ constexpr int64_t kTile = 16, kTileK = 32, kBlockN = 2 * kTile;  // AMX: 16 rows
 
 bool amx_available();
 
+// One block of up to 32 outputs, given as rows of kb·32 bfloat16 (zeros past K and past the last
+// row) at stride ld → [kb, 2, 16, 32]: per 32 k, two B tiles of 16 k-pairs × 16 outputs × the pair
+// (VNNI order): a 16×16 transpose of 32-bit words per tile.
+inline void amx_pack_block(const c10::BFloat16* rows, int64_t ld, int64_t kb, c10::BFloat16* dst) {
+  const auto* src = reinterpret_cast<const uint32_t*>(rows);
+  auto* out = reinterpret_cast<uint32_t*>(dst);
+  const int64_t ldw = ld / 2;
+  for (int64_t k = 0; k < kb; ++k)
+    for (int64_t s = 0; s < 2; ++s)
+      for (int64_t p = 0; p < kTile; ++p)
+        for (int64_t j = 0; j < kTile; ++j)
+          out[((k * 2 + s) * kTile + p) * kTile + j] = src[(s * kTile + j) * ldw + k * kTile + p];
+}
+
 #ifdef LEVANTE_AMX
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -124,20 +138,6 @@ inline std::vector<c10::BFloat16> amx_rows(const c10::BFloat16* x, int64_t ldx, 
   std::vector<c10::BFloat16> a((M + kTile - 1) / kTile * kTile * kpad, c10::BFloat16(0.f));
   for (int64_t m = 0; m < M; ++m) std::memcpy(a.data() + m * kpad, x + m * ldx, K * sizeof(c10::BFloat16));
   return a;
-}
-
-// One block of up to 32 outputs, given as rows of kb·32 bfloat16 (zeros past K and past the last
-// row) at stride ld → [kb, 2, 16, 32]: per 32 k, two B tiles of 16 k-pairs × 16 outputs × the pair
-// (VNNI order): a 16×16 transpose of 32-bit words per tile.
-inline void amx_pack_block(const c10::BFloat16* rows, int64_t ld, int64_t kb, c10::BFloat16* dst) {
-  const auto* src = reinterpret_cast<const uint32_t*>(rows);
-  auto* out = reinterpret_cast<uint32_t*>(dst);
-  const int64_t ldw = ld / 2;
-  for (int64_t k = 0; k < kb; ++k)
-    for (int64_t s = 0; s < 2; ++s)
-      for (int64_t p = 0; p < kTile; ++p)
-        for (int64_t j = 0; j < kTile; ++j)
-          out[((k * 2 + s) * kTile + p) * kTile + j] = src[(s * kTile + j) * ldw + k * kTile + p];
 }
 
 // Row tiles [t0, t1) of the padded x `a` times one block of 32 outputs (b) packed as pack_linear

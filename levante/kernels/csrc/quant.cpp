@@ -110,15 +110,102 @@ void decode(int64_t type, const uint8_t* b, float* y) {
   }
 }
 
+#if defined(__AVX512F__)
+// The same decoding, 16 weights per vector, written straight into the compute dtype: the same
+// operations as `decode` (integer codes converted exactly, one rounding per weight), so the same bits.
+inline void put(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+
+inline void put(c10::BFloat16* y, __m512 v) {  // round to nearest even, as a cast does
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  for (int i = 0; i < 16; ++i) y[i] = c10::BFloat16(t[i]);
+#endif
+}
+
+inline __m512i bytes(const uint8_t* p) {  // 16 unsigned bytes → 16 int32
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m512 floats(__m512i v) { return _mm512_cvtepi32_ps(v); }
+
+template <typename T>
+void decode_into(int64_t type, const uint8_t* b, T* y) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  switch (type) {
+    case Q4_0: {
+      const __m512 d = _mm512_set1_ps(half(b));
+      const __m512i q = bytes(b + 2), eight = _mm512_set1_epi32(8);
+      put(y, _mm512_mul_ps(d, floats(_mm512_sub_epi32(_mm512_and_si512(q, low4), eight))));
+      put(y + 16, _mm512_mul_ps(d, floats(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight))));
+      return;
+    }
+    case Q4_1: {
+      const __m512 d = _mm512_set1_ps(half(b)), m = _mm512_set1_ps(half(b + 2));
+      const __m512i q = bytes(b + 4);
+      put(y, _mm512_fmadd_ps(d, floats(_mm512_and_si512(q, low4)), m));  // d·q is exact: one rounding
+      put(y + 16, _mm512_fmadd_ps(d, floats(_mm512_srli_epi32(q, 4)), m));
+      return;
+    }
+    case Q8_0: {
+      const __m512 d = _mm512_set1_ps(half(b));
+      for (int h = 0; h < 2; ++h)
+        put(y + 16 * h, _mm512_mul_ps(d, floats(_mm512_cvtepi8_epi32(
+                                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * h))))));
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const float d = half(b), dmin = half(b + 2);
+      const uint8_t *scales = b + 4, *qh = b + 16, *qs = type == Q4_K ? b + 16 : b + 48;
+      for (int j = 0; j < 8; ++j) {
+        float sc, m;
+        scale_min(scales, j, sc, m);
+        const __m512 dj = _mm512_set1_ps(d * sc), mj = _mm512_set1_ps(dmin * m);
+        for (int h = 0; h < 2; ++h) {
+          __m512i q = _mm512_and_si512(_mm512_srli_epi32(bytes(qs + (j / 2) * 32 + 16 * h), (j % 2) * 4), low4);
+          if (type == Q5_K)
+            q = _mm512_or_si512(
+                q, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bytes(qh + 16 * h), j), _mm512_set1_epi32(1)), 4));
+          put(y + j * 32 + 16 * h, _mm512_fmsub_ps(dj, floats(q), mj));
+        }
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t *ql = b, *qh = b + 128;
+      const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = half(b + 208);
+      const __m512i three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+      for (int c = 0; c < 8; ++c) {
+        const int h = c / 4, r = c % 4;
+        for (int s = 0; s < 2; ++s) {
+          const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(bytes(ql + h * 64 + (r % 2) * 32 + 16 * s), r / 2 * 4), low4);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(bytes(qh + h * 32 + 16 * s), 2 * r), three);
+          const __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), bias);
+          const __m512 scale = _mm512_set1_ps(d * static_cast<float>(scales[c * 2 + s]));
+          put(y + c * 32 + 16 * s, _mm512_mul_ps(scale, floats(q)));
+        }
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
+  }
+}
+
+// One row of K weights (K a whole number of blocks) → T.
+template <typename T>
+void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
+  const Format f = format(type);
+  for (int64_t k = 0; k < K; k += f.elements, row += f.bytes) decode_into(type, row, y + k);
+}
+#else
 inline void convert(const float* x, float* y, int64_t n) { std::memcpy(y, x, n * sizeof(float)); }
 
 inline void convert(const float* x, c10::BFloat16* y, int64_t n) {  // round to nearest even, as a cast does
-  int64_t i = 0;
-#if defined(__AVX512BF16__)
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-#endif
-  for (; i < n; ++i) y[i] = c10::BFloat16(x[i]);
+  for (int64_t i = 0; i < n; ++i) y[i] = c10::BFloat16(x[i]);
 }
 
 // One row of K weights (K a whole number of blocks) → T.
@@ -131,6 +218,7 @@ void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
     convert(block, y + k, f.elements);
   }
 }
+#endif
 
 struct Weights {
   const uint8_t* data;
@@ -158,18 +246,72 @@ void qgemm(const T* x, int64_t ldx, Weights w, T* y, int64_t M, int64_t N, int64
 }
 
 #ifdef LEVANTE_AMX
+// On AMX the dequantized weights are the A operand, rows as they come (yᵀ = W·xᵀ), and x is
+// packed once into VNNI B tiles [tiles of 16 rows][kb][16 k-pairs][16 rows][2]: no transpose of
+// the weights per call. TDPBF16PS still multiplies the same pairs in the same order for every
+// output element as with the weights as B (pack_linear), so the bits are the dense kernel's.
+std::vector<c10::BFloat16> vnni_rows(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, int64_t kb) {
+  const int64_t mb = (M + kTile - 1) / kTile;
+  std::vector<c10::BFloat16> out(mb * kb * kTile * kTileK, c10::BFloat16(0.f));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      out[(((m / kTile) * kb + k / kTileK) * kTile + (k % kTileK) / 2) * kTileK + (m % kTile) * 2 + k % 2] =
+          x[m * ldx + k];
+  return out;
+}
+
 void qgemm_amx(const c10::BFloat16* x, int64_t ldx, Weights w, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t kb = (K + kTileK - 1) / kTileK, kpad = kb * kTileK, mb = (M + kTile - 1) / kTile;
-  const std::vector<c10::BFloat16> a = amx_rows(x, ldx, M, K, kpad);
+  const int64_t kb = K / kTileK, mb = (M + kTile - 1) / kTile;  // K: whole blocks, so whole tiles
+  const std::vector<c10::BFloat16> xv = vnni_rows(x, ldx, M, K, kb);
+  const int64_t a_stride = K * sizeof(c10::BFloat16), x_tile = kb * kTile * kTileK;
   at::parallel_for(0, (N + kBlockN - 1) / kBlockN, 1, [&](int64_t first, int64_t last) {
     amx_configure();
-    std::vector<c10::BFloat16> rows(kBlockN * kpad), packed(kBlockN * kpad);
+    std::vector<c10::BFloat16> rows(kBlockN * K, c10::BFloat16(0.f));
+    alignas(64) float c[kTile][kTile];
     for (int64_t b = first; b < last; ++b) {
       const int64_t n0 = b * kBlockN, count = std::min(kBlockN, N - n0);
-      if (count < kBlockN) std::fill(rows.begin() + count * kpad, rows.end(), c10::BFloat16(0.f));
-      for (int64_t r = 0; r < count; ++r) dequantize_row(w.type, w.row(n0 + r), rows.data() + r * kpad, K);
-      amx_pack_block(rows.data(), kpad, kb, packed.data());
-      amx_block(a.data(), kb, 0, mb, packed.data(), b, y, M, N);
+      for (int64_t r = 0; r < count; ++r) dequantize_row(w.type, w.row(n0 + r), rows.data() + r * K, K);
+      if (count < kBlockN) std::fill(rows.begin() + count * K, rows.end(), c10::BFloat16(0.f));
+      auto store = [&](int64_t t, int64_t half) {  // c [16 outputs][16 rows of x] → y, transposed
+        const int64_t cols = std::min(kTile, N - n0 - half * kTile);
+        if (cols <= 0) return;
+        const __mmask16 mask = cols == kTile ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+        const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                  _mm512_set1_epi32(kTile));
+        for (int64_t r = 0; r < std::min(kTile, M - t * kTile); ++r)
+          _mm256_mask_storeu_epi16(y + (t * kTile + r) * N + n0 + half * kTile, mask,
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(column, &c[0][r], 4)));
+      };
+      for (int64_t t = 0; t < mb; t += 2) {
+        const bool pair = t + 1 < mb;
+        const c10::BFloat16* b0 = xv.data() + t * x_tile;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < kb; ++k) {
+          _tile_loadd(4, rows.data() + k * kTileK, a_stride);
+          _tile_loadd(5, rows.data() + kTile * K + k * kTileK, a_stride);
+          _tile_loadd(6, b0 + k * kTile * kTileK, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          if (pair) {
+            _tile_loadd(7, b0 + x_tile + k * kTile * kTileK, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c, 64);
+        store(t, 0);
+        _tile_stored(1, c, 64);
+        store(t, 1);
+        if (pair) {
+          _tile_stored(2, c, 64);
+          store(t + 1, 0);
+          _tile_stored(3, c, 64);
+          store(t + 1, 1);
+        }
+      }
     }
     _tile_release();
   });
