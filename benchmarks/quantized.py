@@ -77,6 +77,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, kw in variants.items():
         loaded = load(None, dtype=args.dtype, progress=False, **kw)
+        mb = weight_bytes(loaded.model) / 1e6  # before the dense weights are packed for the kernel
         use_linear_kernels(loaded.model, batch_invariant=True)
         ids = loaded.tokenizer.encode(text, add_bos=True)[: args.tokens]
         ppl = perplexity(loaded.model, ids)
@@ -84,7 +85,6 @@ def main() -> None:
         timed(engine, ids[:16], 4)  # warm-up
         prefill = args.prompt_len / timed(engine, ids[: args.prompt_len], 1)
         decode = args.decode_tokens / timed(engine, ids[:8], args.decode_tokens)
-        mb = weight_bytes(loaded.model) / 1e6
         print(f"| {name:26} | {mb:.0f} | {ppl:.4f} | {prefill:.0f} | {decode:.1f} |", flush=True)
 
 

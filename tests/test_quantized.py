@@ -20,7 +20,7 @@ from levante.engine.linears import use_linear_kernels
 from levante.errors import LevanteError
 from levante.loader import demo_model_path, load, load_model
 from levante.model import Model, causal_attention
-from levante.model.quantized import BLOCKS, SCHEMES, ConcatLinear, QuantEmbedding, QuantLinear, quantizer
+from levante.model.quantized import BLOCKS, SCHEMES, QuantEmbedding, QuantLinear, quantizer
 from levante.testing.checkpoints import QUANT_MIX_SPEC, quant_mix_tensors, random_blocks, write_gguf
 
 Q = GGMLQuantizationType
@@ -52,10 +52,16 @@ def test_quantized_matmul_is_the_dense_kernel_on_gguf_dequantized_weights(
     assert torch.equal(kernels.dequantize(blocks, int(qtype), k, dtype), reference)
     dense = kernels.pack(reference)
     x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(dtype)
-    full = kernels.quant_linear(x, blocks, int(qtype), k)
+    full = kernels.quant_linear(x, [blocks], [int(qtype)], k)
     assert torch.equal(full, kernels.linear(x, dense, n))
     for m in (1, 2, 5, 16, 17, 33):
-        assert torch.equal(kernels.quant_linear(x[-m:], blocks, int(qtype), k), full[-m:]), m
+        assert torch.equal(kernels.quant_linear(x[-m:], [blocks], [int(qtype)], k), full[-m:]), m
+    # stacked with rows of another type, as merged projections are: each part keeps its bits
+    other = random_blocks(Q.Q8_0, (40, k), rng)
+    stacked = kernels.quant_linear(x, [blocks, torch.from_numpy(other)], [int(qtype), int(Q.Q8_0)], k)
+    assert torch.equal(stacked[:, :n], full)
+    second = torch.from_numpy(dequantize(other, Q.Q8_0).reshape(40, k).copy()).to(dtype)
+    assert torch.equal(stacked[:, n:], kernels.linear(x, kernels.pack(second), 40))
 
 
 def test_a_mixed_type_gguf_loads_quantized_and_computes_what_its_dequantized_load_does(
@@ -68,8 +74,8 @@ def test_a_mixed_type_gguf_loads_quantized_and_computes_what_its_dequantized_loa
         quantized = load_model(path, dtype=dtype, progress=False)
         dense = load_model(path, dtype=dtype, progress=False, quantized=False)
         layer = quantized.decoder.layers[0]
-        # q, k and v are Q4_K, Q5_K and Q6_K: they cannot share one tensor, so they run side by side
-        assert isinstance(layer.self_attn.qkv_proj, ConcatLinear)
+        # q, k and v are Q4_K, Q5_K and Q6_K: one kernel call over the three tensors
+        assert layer.self_attn.qkv_proj.qtypes == [int(Q.Q4_K), int(Q.Q5_K), int(Q.Q6_K)]
         assert isinstance(layer.self_attn.o_proj, QuantLinear)
         assert isinstance(layer.mlp.down_proj, torch.nn.Linear)  # BF16 in the file: dense, as before
         assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in dense.modules())
@@ -94,7 +100,7 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_with_the_same
     dense = load(demo_model_path(), dtype="bfloat16", progress=False, quantized=False)
     decoder = quantized.model.decoder
     assert isinstance(decoder.embed_tokens, QuantEmbedding) and isinstance(decoder.lm_head, QuantLinear)
-    assert decoder.lm_head.blocks is decoder.embed_tokens.blocks  # tied: one copy of the table
+    assert decoder.lm_head.weights[0].blocks is decoder.embed_tokens.blocks  # tied: one copy of the table
     weight_bytes = sum(b.numel() * b.element_size() for b in quantized.model.buffers())
     weight_bytes += sum(p.numel() * p.element_size() for p in quantized.model.parameters())
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.parameters())
@@ -110,19 +116,23 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_with_the_same
 
 @pytest.mark.parametrize(
     ("call", "message"),
-    ids=["type", "row-bytes", "features", "dtype", "blocks"],
+    ids=["type", "types", "row-bytes", "features", "dtype", "blocks"],
     argvalues=[
         (
-            lambda b: kernels.quant_linear(torch.randn(2, 512), b, 7, 512),
+            lambda b: kernels.quant_linear(torch.randn(2, 512), [b], [7], 512),
             "unsupported GGUF quantization type 7",
         ),
         (
-            lambda b: kernels.quant_linear(torch.randn(2, 256), b, int(Q.Q4_0), 256),
+            lambda b: kernels.quant_linear(torch.randn(2, 512), [b, b], [int(Q.Q4_0)], 512),
+            "one type per tensor",
+        ),
+        (
+            lambda b: kernels.quant_linear(torch.randn(2, 256), [b], [int(Q.Q4_0)], 256),
             "does not hold 256 weights",
         ),
-        (lambda b: kernels.quant_linear(torch.randn(2, 500), b, int(Q.Q4_0), 512), "x has 500 features"),
+        (lambda b: kernels.quant_linear(torch.randn(2, 500), [b], [int(Q.Q4_0)], 512), "x has 500 features"),
         (
-            lambda b: kernels.quant_linear(torch.randn(2, 512).half(), b, int(Q.Q4_0), 512),
+            lambda b: kernels.quant_linear(torch.randn(2, 512).half(), [b], [int(Q.Q4_0)], 512),
             "float32 or bfloat16",
         ),
         (lambda b: kernels.dequantize(b.float(), int(Q.Q4_0), 512, torch.float32), "dense uint8"),
@@ -147,15 +157,15 @@ def test_quantization_at_load_turns_a_float_checkpoints_projections_into_blocks(
     layers, head = SCHEMES[scheme]
     decoder = quant.decoder
     projections = [m for m in decoder.layers.modules() if isinstance(m, QuantLinear)]
-    assert len(projections) == 7 * len(decoder.layers)  # q, k, v, o, gate, up, down
-    assert {m.qtype for m in projections} == {int(layers)}
-    assert isinstance(decoder.lm_head, QuantLinear) and decoder.lm_head.qtype == int(head)
+    assert len(projections) == 4 * len(decoder.layers)  # qkv, o, gate_up, down
+    assert {t for m in projections for t in m.qtypes} == {int(layers)}
+    assert isinstance(decoder.lm_head, QuantLinear) and decoder.lm_head.qtypes == [int(head)]
     assert type(decoder.embed_tokens) is torch.nn.Embedding
     assert quant.vision is not None and not any(isinstance(m, QuantLinear) for m in quant.vision.modules())
 
     w = dense.decoder.lm_head.weight.detach().numpy()
     expected = dequantize(quantize(w, head), head).reshape(w.shape)
-    assert torch.equal(decoder.lm_head.weight.dequantize(torch.float32), torch.from_numpy(expected))
+    assert torch.equal(decoder.lm_head.weights[0].dequantize(torch.float32), torch.from_numpy(expected))
 
     for model in (dense, quant):
         use_linear_kernels(model, batch_invariant=True)

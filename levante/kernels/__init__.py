@@ -88,10 +88,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_features: int | None = Non
     return torch.ops.levante.linear(x, weight, weight.shape[0] if out_features is None else out_features)
 
 
-def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
-    """x·wᵀ where w [N, in_features] is GGUF blocks of ggml type `qtype` ([N, bytes per row] uint8):
-    the same bits `linear` gives on w dequantized to x's dtype (see csrc/quant.cpp)."""
-    return torch.ops.levante.quant_linear(x, blocks, qtype, in_features)
+def quant_linear(
+    x: torch.Tensor, blocks: list[torch.Tensor], qtypes: list[int], in_features: int
+) -> torch.Tensor:
+    """x·wᵀ where w [N, in_features] is the rows of `blocks` stacked, each GGUF blocks of its ggml
+    type in `qtypes` ([rows, bytes per row] uint8): the same bits `linear` gives on w dequantized
+    to x's dtype (see csrc/quant.cpp)."""
+    return torch.ops.levante.quant_linear(x, blocks, qtypes, in_features)
 
 
 def dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from levante.model.quantized import ConcatLinear
+from levante.model.quantized import QuantLinear
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
@@ -33,10 +33,10 @@ class RMSNorm(nn.Module):
 
 def merge_linears(*parts: nn.Module) -> nn.Module:
     """One bias-free Linear whose output is the parts' outputs side by side, so projections of the
-    same input run as one matmul (one pass over the input, one kernel call); quantized parts run
-    side by side instead (`ConcatLinear`)."""
-    if not all(isinstance(p, nn.Linear) for p in parts):
-        return ConcatLinear(list(parts))
+    same input run as one matmul (one pass over the input, one kernel call); quantized parts stack
+    in one `QuantLinear` without being copied."""
+    if all(isinstance(p, QuantLinear) for p in parts):
+        return QuantLinear(*(w for p in parts for w in p.weights))
     assert all(p.bias is None for p in parts), "only bias-free projections are merged"
     merged = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device="meta")
     merged.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)

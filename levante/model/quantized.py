@@ -50,22 +50,33 @@ class QuantizedTensor:
 
 
 class QuantLinear(nn.Module):
-    """A bias-free Linear over a quantized weight; its output has the input's dtype."""
+    """A bias-free Linear over quantized weights, its output in the input's dtype. Several weights
+    stack row-wise (merged projections): they stay separate tensors, since they may differ in type
+    (llama.cpp's Q4_K_M recipe mixes Q4_K and Q6_K for attn_v) and are views of the mapped file,
+    which a concatenation would copy (7.5 GB of gate/up for Mistral Small 3.2 in Q4_K)."""
 
-    def __init__(self, weight: QuantizedTensor) -> None:
+    def __init__(self, *weights: QuantizedTensor) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.qtype = weight.cols, weight.blocks.shape[0], weight.qtype
-        self.register_buffer("blocks", weight.blocks)
+        self.in_features = weights[0].cols
+        assert all(w.cols == self.in_features for w in weights)
+        self.out_features = sum(w.blocks.shape[0] for w in weights)
+        self.qtypes = [w.qtype for w in weights]
+        for i, w in enumerate(weights):
+            self.register_buffer(f"blocks{i}", w.blocks)
 
     @property
-    def weight(self) -> QuantizedTensor:
-        return QuantizedTensor(self.blocks, self.qtype, self.in_features)
+    def weights(self) -> list[QuantizedTensor]:
+        return [
+            QuantizedTensor(getattr(self, f"blocks{i}"), t, self.in_features)
+            for i, t in enumerate(self.qtypes)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quant_linear(x, self.blocks, self.qtype, self.in_features)
+        blocks = [getattr(self, f"blocks{i}") for i in range(len(self.qtypes))]
+        return kernels.quant_linear(x, blocks, self.qtypes, self.in_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtypes={self.qtypes}"
 
 
 class QuantEmbedding(nn.Module):
@@ -83,22 +94,6 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = kernels.dequantize(self.blocks[ids.reshape(-1)], self.qtype, self.embedding_dim, self.dtype)
         return rows.view(*ids.shape, self.embedding_dim)
-
-
-class ConcatLinear(nn.Module):
-    """Projections of one input merged without merging their weights: each runs on its own,
-    outputs side by side. Quantized weights stay apart: they may differ in type (llama.cpp's
-    Q4_K_M recipe mixes Q4_K and Q6_K for attn_v) and they are views of the mapped file, which a
-    concatenation would copy into memory (7.5 GB of gate/up for Mistral Small 3.2 in Q4_K)."""
-
-    def __init__(self, parts: list[nn.Module]) -> None:
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-        self.in_features = parts[0].in_features
-        self.out_features = sum(p.out_features for p in parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 # --quantization: what each scheme makes of a float checkpoint's decoder projections and LM head

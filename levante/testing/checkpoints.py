@@ -378,15 +378,15 @@ _SCALES = {
 
 
 def random_blocks(
-    qtype: GGMLQuantizationType, shape: tuple[int, int], rng: np.random.Generator
+    qtype: GGMLQuantizationType, shape: tuple[int, int], rng: np.random.Generator, scale: float = 1e-2
 ) -> np.ndarray:
     """Valid random GGUF blocks of `qtype` for a [rows, cols] weight, written directly (gguf cannot
-    quantize to the K types): random codes, float16 scales in [1e-3, 1e-2]."""
+    quantize to the K types): random codes, float16 scales in [scale / 10, scale]."""
     block, size = GGML_QUANT_SIZES[qtype]
     rows, cols = shape
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for offset in _SCALES[qtype]:
-        scales = rng.uniform(1e-3, 1e-2, raw.shape[:2]).astype(np.float16)
+        scales = rng.uniform(scale / 10, scale, raw.shape[:2]).astype(np.float16)
         raw[..., offset : offset + 2] = scales[..., None].view(np.uint8)
     return raw.reshape(rows, -1)
 

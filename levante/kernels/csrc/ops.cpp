@@ -5,7 +5,7 @@
 TORCH_LIBRARY(levante, m) {
   m.def("linear(Tensor x, Tensor weight, int out_features) -> Tensor");
   m.def("pack_linear(Tensor weight) -> Tensor");
-  m.def("quant_linear(Tensor x, Tensor blocks, int type, int in_features) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor[] blocks, int[] types, int in_features) -> Tensor");
   m.def("dequantize(Tensor blocks, int type, Tensor(a!) out) -> ()");
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor seqs, Tensor tables, "

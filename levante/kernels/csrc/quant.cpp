@@ -220,20 +220,32 @@ void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
 }
 #endif
 
+// The rows of one or more quantized tensors stacked (merged projections kept apart: they may
+// differ in type, and they are views of the mapped file, which concatenating would copy).
 struct Weights {
-  const uint8_t* data;
-  int64_t row_bytes, type;
-  const uint8_t* row(int64_t n) const { return data + n * row_bytes; }
+  struct Part {
+    const uint8_t* data;
+    int64_t rows, row_bytes, type;
+  };
+  std::vector<Part> parts;
+
+  template <typename T>
+  void dequantize(int64_t n, T* y, int64_t K) const {
+    for (const Part& p : parts) {
+      if (n < p.rows) return dequantize_row(p.type, p.data + n * p.row_bytes, y, K);
+      n -= p.rows;
+    }
+  }
 };
 
 template <typename T>
-void qgemm(const T* x, int64_t ldx, Weights w, T* y, int64_t M, int64_t N, int64_t K) {
+void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N, int64_t K) {
   constexpr int64_t NB = 16;  // output rows dequantized together: a few KiB to a few hundred, in cache
   at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t first, int64_t last) {
     std::vector<T> buf(NB * K);
     for (int64_t g = first; g < last; ++g) {
       const int64_t n0 = g * NB, rows = std::min(NB, N - n0);
-      for (int64_t r = 0; r < rows; ++r) dequantize_row(w.type, w.row(n0 + r), buf.data() + r * K, K);
+      for (int64_t r = 0; r < rows; ++r) w.dequantize(n0 + r, buf.data() + r * K, K);
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t m1 = std::min(M, m0 + MC);
         for (int64_t n = n0; n < n0 + rows; n += NR)
@@ -253,14 +265,19 @@ void qgemm(const T* x, int64_t ldx, Weights w, T* y, int64_t M, int64_t N, int64
 std::vector<c10::BFloat16> vnni_rows(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, int64_t kb) {
   const int64_t mb = (M + kTile - 1) / kTile;
   std::vector<c10::BFloat16> out(mb * kb * kTile * kTileK, c10::BFloat16(0.f));
+  // the 16 k-pairs of row m in one 32-wide step are one vector of 32-bit words: they go down
+  // column m % 16 of that step's tile
+  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(kTile));
+  auto* words = reinterpret_cast<int*>(out.data());
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k)
-      out[(((m / kTile) * kb + k / kTileK) * kTile + (k % kTileK) / 2) * kTileK + (m % kTile) * 2 + k % 2] =
-          x[m * ldx + k];
+    for (int64_t k = 0; k < kb; ++k)
+      _mm512_i32scatter_epi32(words + ((m / kTile) * kb + k) * kTile * kTile + m % kTile, down,
+                              _mm512_loadu_si512(x + m * ldx + k * kTileK), 4);
   return out;
 }
 
-void qgemm_amx(const c10::BFloat16* x, int64_t ldx, Weights w, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
+void qgemm_amx(const c10::BFloat16* x, int64_t ldx, const Weights& w, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
   const int64_t kb = K / kTileK, mb = (M + kTile - 1) / kTile;  // K: whole blocks, so whole tiles
   const std::vector<c10::BFloat16> xv = vnni_rows(x, ldx, M, K, kb);
   const int64_t a_stride = K * sizeof(c10::BFloat16), x_tile = kb * kTile * kTileK;
@@ -270,7 +287,7 @@ void qgemm_amx(const c10::BFloat16* x, int64_t ldx, Weights w, c10::BFloat16* y,
     alignas(64) float c[kTile][kTile];
     for (int64_t b = first; b < last; ++b) {
       const int64_t n0 = b * kBlockN, count = std::min(kBlockN, N - n0);
-      for (int64_t r = 0; r < count; ++r) dequantize_row(w.type, w.row(n0 + r), rows.data() + r * K, K);
+      for (int64_t r = 0; r < count; ++r) w.dequantize(n0 + r, rows.data() + r * K, K);
       if (count < kBlockN) std::fill(rows.begin() + count * K, rows.end(), c10::BFloat16(0.f));
       auto store = [&](int64_t t, int64_t half) {  // c [16 outputs][16 rows of x] → y, transposed
         const int64_t cols = std::min(kTile, N - n0 - half * kTile);
@@ -326,9 +343,16 @@ void check(const at::Tensor& blocks, int64_t type, int64_t K) {
               blocks.size(1), " bytes does not hold ", K, " weights of GGUF type ", type);
 }
 
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type, int64_t in_features) {
-  check(blocks, type, in_features);
-  const int64_t K = in_features, N = blocks.size(0);
+at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
+  TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "levante::quant_linear: one type per tensor");
+  const int64_t K = in_features;
+  Weights w;
+  int64_t N = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    check(blocks[i], types[i], K);
+    w.parts.push_back({blocks[i].data_ptr<uint8_t>(), blocks[i].size(0), blocks[i].size(1), types[i]});
+    N += blocks[i].size(0);
+  }
   TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
   at::Tensor rows = x.reshape({-1, K});
   if (rows.stride(1) != 1) rows = rows.contiguous();
@@ -336,7 +360,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t t
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty({M, N}, x.options());
-  const Weights w{blocks.data_ptr<uint8_t>(), blocks.size(1), type};
   if (M == 0) return y.view(shape);
   if (x.scalar_type() == at::kBFloat16) {
     const auto* xp = rows.data_ptr<c10::BFloat16>();
@@ -360,14 +383,14 @@ void dequantize(const at::Tensor& blocks, int64_t type, at::Tensor& out) {
               "levante::dequantize: out must be dense [rows, K]");
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16,
               "levante::dequantize: float32 or bfloat16 only");
-  const Weights w{blocks.data_ptr<uint8_t>(), blocks.size(1), type};
+  const Weights w{{{blocks.data_ptr<uint8_t>(), blocks.size(0), blocks.size(1), type}}};
   const bool bf16 = out.scalar_type() == at::kBFloat16;
   at::parallel_for(0, blocks.size(0), 16, [&](int64_t first, int64_t last) {
     for (int64_t n = first; n < last; ++n) {
       if (bf16) {
-        dequantize_row(type, w.row(n), out.data_ptr<c10::BFloat16>() + n * K, K);
+        w.dequantize(n, out.data_ptr<c10::BFloat16>() + n * K, K);
       } else {
-        dequantize_row(type, w.row(n), out.data_ptr<float>() + n * K, K);
+        w.dequantize(n, out.data_ptr<float>() + n * K, K);
       }
     }
   });
