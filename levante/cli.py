@@ -210,7 +210,12 @@ def json_object(text: str) -> dict[str, Any]:
 
 
 def model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory or .gguf file (default: the SmolLM2 demo model)")
+    p.add_argument(
+        "--model",
+        help="model directory, .gguf file, Hugging Face repo id, or GGUF repo with a quant tag "
+        "(org/Model-GGUF:Q4_K_M); default: the SmolLM2 demo model",
+    )
+    p.add_argument("--revision", help="the Hub revision (branch, tag or commit) of a repo id --model")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -326,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
     try:
+        if getattr(args, "model", None):  # a Hub id becomes its local snapshot (or GGUF file) once, here
+            from levante.weights.hub import resolve
+
+            given, args.model = args.model, str(resolve(args.model, args.revision))
+            if args.model != given and getattr(args, "served_model_name", "") is None:
+                args.served_model_name = given  # clients name it as the user did, as vLLM does
         args.func(args)
     except LevanteError as e:
         print(f"levante: error: {e}", file=sys.stderr)

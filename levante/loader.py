@@ -17,6 +17,7 @@ from levante.model import Model, build_model
 from levante.model.quantized import quantizer
 from levante.tokenizer import Tokenizer, load_tokenizer
 from levante.weights import load_weights, open_checkpoint
+from levante.weights.hub import resolve
 
 log = logging.getLogger("levante.loader")
 
@@ -79,7 +80,7 @@ def load_model(
             "--tensor-parallel-size, and a C++ compiler"
         )
     transform = quantizer(quantization) if quantization is not None else None
-    checkpoint = open_checkpoint(Path(path), keep_quantized=quantized and kernels_run)
+    checkpoint = open_checkpoint(resolve(str(path)), keep_quantized=quantized and kernels_run)
     with torch.device("meta"):
         model = build_model(checkpoint.config)
     if world > 1:  # this rank's modules, and only its slices of the weights
@@ -102,8 +103,8 @@ def load(
     quantized: bool = True,
     quantization: str | None = None,
 ) -> LoadedModel:
-    """Model and tokenizer from one path (the demo model when None)."""
-    resolved = Path(path) if path is not None else demo_model_path()
+    """Model and tokenizer from one path or Hub id (`weights.hub.resolve`; the demo model when None)."""
+    resolved = resolve(str(path)) if path is not None else demo_model_path()
     if not resolved.exists():
         raise CheckpointError(f"{resolved}: no such file or directory")
     tokenizer = load_tokenizer(resolved, default_system_prompt=default_system_prompt)
