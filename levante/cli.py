@@ -55,6 +55,7 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         max_model_len=args.max_model_len,
         loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
         batch_invariant=not args.no_batch_invariant,
+        kv_cache_dtype=args.kv_cache_dtype,
         **extra,
     )
 
@@ -230,6 +231,12 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "groups of 32 (GGUF Q8_0 / Q4_1); GGUF files keep their own quantization without it",
     )
     p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="auto: the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2 hold twice the tokens in the same memory",
+    )
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
     p.add_argument(

@@ -49,6 +49,9 @@ def random_step(
     )
 
 
+@pytest.mark.parametrize(
+    "cache", [None, torch.float8_e4m3fn, torch.float8_e5m2], ids=["same", "e4m3", "e5m2"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "shapes",
@@ -60,12 +63,14 @@ def random_step(
 )
 @pytest.mark.parametrize("all_paged", [False, True])
 def test_kernel_matches_the_pytorch_backend(
-    dtype: torch.dtype, shapes: list[tuple[int, int]], all_paged: bool
+    dtype: torch.dtype, shapes: list[tuple[int, int]], all_paged: bool, cache: torch.dtype | None
 ) -> None:
+    """Also with an fp8 cache under float32/bfloat16 q (`--kv-cache-dtype`): both read the same
+    stored values, so they agree as closely as with a cache in q's dtype."""
     assert kernels.load(), "the CPU kernels did not build"
     gen = torch.Generator().manual_seed(len(shapes))
-    stores = [KVStore(1, 160, BLOCK, HKV, D, dtype, "cpu") for _ in range(2)]
-    noise = torch.randn(stores[0].k.shape, generator=gen).to(dtype)
+    stores = [KVStore(1, 160, BLOCK, HKV, D, cache or dtype, "cpu") for _ in range(2)]
+    noise = torch.randn(stores[0].k.shape, generator=gen)
     for store in stores:
         store.k.copy_(noise)
         store.v.copy_(noise.flip(-1))

@@ -227,3 +227,43 @@ def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_an_fp8_kv_cache_holds_twice_the_tokens_and_the_same_bits_in_any_batch(
+    tiny_mistral: Path, kv_cache_dtype: str
+) -> None:
+    """`--kv-cache-dtype fp8`: the same memory holds twice the tokens; answers stay batch-invariant
+    through prefix-cache hits, chunked prefill and preemption (how close they stay to a bfloat16
+    cache, on the demo model: benchmarks/RESULTS.md)."""
+    loaded = load(tiny_mistral, dtype="bfloat16", progress=False)
+    inputs = prompts(loaded, images=True)
+    longest = max(len(p.tokens) for p in inputs) + 10
+
+    def engine(**kw: object) -> Engine:
+        config = dict(
+            kv_cache_memory=kv_gib(loaded, 16 * longest), max_num_seqs=16, kv_cache_dtype=kv_cache_dtype
+        )
+        config.update(kw)
+        return Engine(loaded.model, loaded.tokenizer, EngineConfig(**config))  # type: ignore[arg-type]
+
+    alone = run(engine(prefix_caching=False), inputs[:4], together=False)
+    assert alone[0][0]
+    fp8, bf16 = engine(), engine(kv_cache_dtype="auto")  # the same GiB
+    assert fp8.capacity == 2 * bf16.capacity and fp8.runner.batch_invariant
+    every = run(fp8, inputs, together=True, warm=1)
+    assert every[:4] == alone and fp8.blocks.prefix_hits > 0
+    chunked = engine(max_num_batched_tokens=37)
+    assert run(chunked, inputs, together=True) == every
+    preempted = engine(
+        kv_cache_memory=kv_gib(loaded, longest + 64) / 2, prefix_caching=False, max_num_batched_tokens=40
+    )
+    assert run(preempted, inputs[:3], together=True) == alone[:3]
+    assert preempted.stats.preemptions > 0
+
+
+def test_an_unknown_kv_cache_dtype_is_refused_by_name() -> None:
+    with pytest.raises(
+        ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2, not 'int8'"
+    ):
+        EngineConfig(kv_cache_dtype="int8")

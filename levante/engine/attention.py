@@ -41,14 +41,14 @@ class TorchPagedAttention:
         layout = self.layout
         assert layout is not None, "set the batch layout before the forward"
         kc, vc = self.store.k[layer], self.store.v[layer]  # [Hkv, slots, D]
-        kc[:, layout.slots] = k.transpose(0, 1).to(kc.dtype)
-        vc[:, layout.slots] = v.transpose(0, 1).to(vc.dtype)
+        self.store.write(layer, layout.slots, k, v)
         out = q.new_empty(q.shape)  # dense even when q is a slice of a wider projection
         for start, n, ctx in layout.prefills:
-            if ctx is None:  # nothing cached before this chunk: its own k/v are the whole context
+            if ctx is None and kc.dtype == k.dtype:  # nothing cached before: its own k/v are the context
                 keys, values = k[start : start + n], v[start : start + n]
-            else:
-                keys, values = kc[:, ctx].transpose(0, 1), vc[:, ctx].transpose(0, 1)
+            else:  # as cached (an fp8 cache's rounding included), in q's dtype
+                where = layout.slots[start : start + n] if ctx is None else ctx
+                keys, values = (c[:, where].transpose(0, 1).to(q.dtype) for c in (kc, vc))
             out[start : start + n] = causal_attention(q[start : start + n], keys, values)
         if layout.rows.numel():
             self._paged(q, kc, vc, layout, out)
@@ -63,8 +63,10 @@ class TorchPagedAttention:
         b, hq, d = q.shape
         hkv, bs = kc.shape[0], self.store.block_size
         blocks = layout.tables[layout.seqs].view(-1)
-        keys = torch.index_select(kc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)  # [Hkv, B, L, D]
-        values = torch.index_select(vc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d)
+        keys = (
+            torch.index_select(kc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d).to(q.dtype)
+        )  # [Hkv, B, L, D]
+        values = torch.index_select(vc.view(hkv, -1, bs * d), 1, blocks).view(hkv, b, -1, d).to(q.dtype)
         qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)  # [Hkv, B, g, D]
         scores = torch.matmul(qg, keys.transpose(2, 3)) * d**-0.5
         pad = torch.arange(keys.shape[2], device=q.device) >= layout.lens[:, None]  # [B, L]
@@ -88,6 +90,7 @@ class CpuPagedAttention(TorchPagedAttention):
 
 def paged_attention(store: KVStore) -> TorchPagedAttention:
     """The fastest backend for the cache's device and dtype."""
-    if store.k.device.type == "cpu" and store.k.dtype in (torch.float32, torch.bfloat16) and kernels.load():
+    kinds = (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+    if store.k.device.type == "cpu" and store.k.dtype in kinds and kernels.load():
         return CpuPagedAttention(store)
     return TorchPagedAttention(store)

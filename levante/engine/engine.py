@@ -50,6 +50,22 @@ class EngineConfig:
     prefix_caching: bool = True
     batch_invariant: bool = True  # a token's logits independent of the rest of the batch (see linears)
     loop_guard: RepetitionDetection | None = None  # applied to requests that do not set their own
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.kv_cache_dtype!r}"
+            )
+
+
+# vLLM's names; fp8 stores what is stored saturated to the format's largest finite value, unscaled
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 
 
 @dataclass
@@ -114,11 +130,12 @@ class Engine:
             else "off" + (" (Levante's CPU kernels cannot run here)" if config.batch_invariant else ""),
         )
         log.info(
-            "KV cache: %d blocks of %d = %d tokens (%.2f GiB); %.1f sequences of %d tokens fit",
+            "KV cache: %d blocks of %d = %d tokens (%.2f GiB, %s); %.1f sequences of %d tokens fit",
             num_blocks,
             config.block_size,
             self.capacity,
             (store.k.nbytes + store.v.nbytes) / GiB,
+            str(store.k.dtype).removeprefix("torch."),
             self.capacity / self.max_model_len,
             self.max_model_len,
         )
@@ -377,13 +394,14 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     count, so one block table addresses every rank's cache."""
     text = model.config.text
     weight = model.decoder.norm.weight
+    kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or weight.dtype
     kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
-    per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, weight.dtype)
+    per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, kv_dtype)
     num_blocks = tensor_parallel.agree(_num_blocks(model, config, per_token, weight.device))
     if num_blocks < 1:
         raise RequestError("no memory left for the KV cache: lower the model size or raise --kv-cache-memory")
     store = KVStore(
-        text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, weight.dtype, weight.device
+        text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, kv_dtype, weight.device
     )
     invariant = use_linear_kernels(model, config.batch_invariant)
     return Runner(model, store, config.block_size, publish, invariant)

@@ -147,6 +147,15 @@ class KVStore:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores one layer's new k, v [T, Hkv, D] at `slots`. An fp8 cache saturates: values past
+        the format's largest finite one (448 in e4m3, 57344 in e5m2) are stored as it, not as inf."""
+        for cache, x in ((self.k[layer], k), (self.v[layer], v)):
+            if cache.element_size() == 1:
+                top = torch.finfo(cache.dtype).max
+                x = x.clamp(-top, top)
+            cache[:, slots] = x.transpose(0, 1).to(cache.dtype)
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

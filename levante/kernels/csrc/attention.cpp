@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -80,8 +81,8 @@ inline float exp_shifted_sum(float* s, int64_t n, float mx) {
 }
 #endif
 
-template <typename T>
-void attend(const T* q, const T* kc, const T* vc, const int64_t* rows, const int64_t* seqs,
+template <typename T, typename C>
+void attend(const T* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* seqs,
             const int64_t* tables, const int64_t* lens, T* out, int64_t batch, int64_t width,
             int64_t q_stride, int64_t hq, int64_t hkv, int64_t d, int64_t slots, int64_t bs, float scale) {
   const int64_t g = hq / hkv;
@@ -101,8 +102,8 @@ void attend(const T* q, const T* kc, const T* vc, const int64_t* rows, const int
       for (int64_t blk = 0; blk * bs < len; ++blk) {
         const int64_t n = std::min(bs, len - blk * bs);
         const int64_t base = (h * slots + table[blk] * bs) * d;
-        const T* kb = kc + base;
-        const T* vb = vc + base;
+        const C* kb = kc + base;
+        const C* vb = vc + base;
         for (int64_t j = 0; j < g; ++j) block_scores(qf.data() + j * d, kb, d, bs, score.data() + j * bs);
         for (int64_t j = 0; j < g; ++j) {
           float* sj = score.data() + j * bs;
@@ -129,21 +130,33 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_attention: q heads must be dense");
   TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(rows.is_contiguous() && seqs.is_contiguous() && tables.is_contiguous() && lens.is_contiguous());
-  TORCH_CHECK(q.scalar_type() == kc.scalar_type() && out.scalar_type() == kc.scalar_type());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && vc.scalar_type() == kc.scalar_type());
   const int64_t hq = q.size(1), d = q.size(2), hkv = kc.size(0), slots = kc.size(1);
   TORCH_CHECK(d % kLanes == 0, "paged_attention: head_dim must be a multiple of ", kLanes);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const int64_t batch = rows.size(0), width = tables.size(1);
-  if (kc.scalar_type() == at::kBFloat16) {
-    attend(q.data_ptr<c10::BFloat16>(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(),
-           rows.data_ptr<int64_t>(), seqs.data_ptr<int64_t>(), tables.data_ptr<int64_t>(),
-           lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), batch, width, q.stride(0), hq, hkv, d,
-           slots, block_size, scale);
+  auto run = [&](auto* qp, auto* cache) {  // q/out in float32 or bfloat16; the cache in those or fp8
+    using T = std::remove_pointer_t<decltype(qp)>;
+    using C = std::remove_pointer_t<decltype(cache)>;
+    attend(q.data_ptr<T>(), kc.data_ptr<C>(), vc.data_ptr<C>(), rows.data_ptr<int64_t>(), seqs.data_ptr<int64_t>(),
+           tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<T>(), batch, width, q.stride(0), hq,
+           hkv, d, slots, block_size, scale);
+  };
+  auto with_cache = [&](auto* qp) {
+    using T = std::remove_pointer_t<decltype(qp)>;
+    switch (kc.scalar_type()) {
+      case at::kFloat8_e4m3fn: return run(qp, static_cast<c10::Float8_e4m3fn*>(nullptr));
+      case at::kFloat8_e5m2: return run(qp, static_cast<c10::Float8_e5m2*>(nullptr));
+      default:
+        TORCH_CHECK(kc.scalar_type() == q.scalar_type(), "paged_attention: the cache is q's dtype or fp8");
+        return run(qp, static_cast<T*>(nullptr));
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    with_cache(static_cast<c10::BFloat16*>(nullptr));
   } else {
-    TORCH_CHECK(kc.scalar_type() == at::kFloat, "paged_attention: float32 or bfloat16 only");
-    attend(q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), rows.data_ptr<int64_t>(),
-           seqs.data_ptr<int64_t>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-           out.data_ptr<float>(), batch, width, q.stride(0), hq, hkv, d, slots, block_size, scale);
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_attention: float32 or bfloat16 only");
+    with_cache(static_cast<float*>(nullptr));
   }
 }
 

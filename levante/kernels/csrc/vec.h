@@ -3,9 +3,12 @@
 // operations whatever else is in the batch, so these are the only places where lanes meet.
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 
@@ -77,6 +80,31 @@ inline void vstore(float* p, vf v) { *p = v; }
 inline vf vfma(vf a, vf b, vf c) { return __builtin_fmaf(a, b, c); }
 inline float vsum(vf v) { return v; }
 #endif
+
+// Every value of an 8-bit float format, by its bits: loads widen fp8 by table (exact).
+template <typename F>
+inline const float* fp8_values() {
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(F(static_cast<uint8_t>(i), F::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+template <typename F>
+inline vf vload_fp8(const F* p) {
+  const float* table = fp8_values<F>();
+#if defined(__AVX512F__)
+  return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), table, 4);
+#elif defined(__AVX2__) && defined(__FMA__)
+  return _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 4);
+#else
+  return table[reinterpret_cast<const uint8_t*>(p)[0]];
+#endif
+}
+inline vf vload(const c10::Float8_e4m3fn* p) { return vload_fp8(p); }
+inline vf vload(const c10::Float8_e5m2* p) { return vload_fp8(p); }
 
 // The first n < lanes elements at p, zeros after them (adding 0·0 leaves an accumulator as it is).
 template <typename T, int64_t Lanes>
