@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -59,17 +60,23 @@ def load() -> bool:
     sources = sorted(SOURCES.glob("*.cpp"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCES.iterdir()))).hexdigest()[:10]
     name, flags = target()
-    try:
-        build(
-            name=f"levante_cpu_{name}_{digest}",
-            sources=[str(p) for p in sources],
-            extra_cflags=["-O3", "-fopenmp", *flags],  # at::parallel_for is OpenMP, inline
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, no x86 intrinsics: library kernels still work
-        log.warning("Levante's CPU kernels are unavailable (%s); using library kernels", exc)
-        return False
+    for attempt in (1, 2):
+        try:
+            build(
+                name=f"levante_cpu_{name}_{digest}",
+                sources=[str(p) for p in sources],
+                extra_cflags=["-O3", "-fopenmp", *flags],  # at::parallel_for is OpenMP, inline
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+            )
+            break
+        except Exception as exc:  # no compiler, no ninja, no x86 intrinsics: library kernels still work
+            if attempt == 1:  # another process may have been writing the library just then: once more
+                log.info("loading Levante's CPU kernels failed (%s); trying again", exc)
+                time.sleep(2)
+                continue
+            log.warning("Levante's CPU kernels are unavailable (%s); using library kernels", exc)
+            return False
     log.info("CPU kernels built for %s", name)
     return True
 
