@@ -101,6 +101,21 @@ void any_tile(int64_t rows, int64_t cols, const T* x, int64_t ldx, const T* w, i
   }
 }
 
+// x [..., K] as rows [M, K] whose rows may be strided, and y [M, N] for them, to be returned as
+// `shape` (x's leading dimensions, then N).
+struct Rows {
+  at::Tensor x, y;
+  std::vector<int64_t> shape;
+};
+
+inline Rows as_rows(const at::Tensor& x, int64_t K, int64_t N) {
+  at::Tensor rows = x.reshape({-1, K});
+  if (rows.stride(1) != 1) rows = rows.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return {rows, at::empty({rows.size(0), N}, x.options()), shape};
+}
+
 constexpr int64_t kTile = 16, kTileK = 32, kBlockN = 2 * kTile;  // AMX: 16 rows × 64 bytes per tile
 
 bool amx_available();

@@ -100,12 +100,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t out_fea
   TORCH_CHECK(tiles ? weight.size(1) == (K + kTileK - 1) / kTileK && weight.size(0) * kBlockN >= N
                     : weight.size(0) == N && weight.size(1) == K,
               "levante::linear: x has ", K, " features; the weight does not match it and ", N, " outputs");
-  at::Tensor rows = x.reshape({-1, K});
-  if (rows.stride(1) != 1) rows = rows.contiguous();
+  auto [rows, y, shape] = as_rows(x, K, N);
   const int64_t M = rows.size(0);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
   if (M > 0 && tiles) {
 #ifdef LEVANTE_AMX
     gemm_amx(rows.data_ptr<c10::BFloat16>(), rows.stride(0), weight.data_ptr<c10::BFloat16>(),

@@ -354,12 +354,8 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArray
     N += blocks[i].size(0);
   }
   TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
-  at::Tensor rows = x.reshape({-1, K});
-  if (rows.stride(1) != 1) rows = rows.contiguous();
+  auto [rows, y, shape] = as_rows(x, K, N);
   const int64_t M = rows.size(0);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y.view(shape);
   if (x.scalar_type() == at::kBFloat16) {
     const auto* xp = rows.data_ptr<c10::BFloat16>();
