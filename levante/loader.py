@@ -14,7 +14,7 @@ from levante.config import ModelConfig
 from levante.distributed import tensor_parallel
 from levante.errors import CheckpointError, LevanteError
 from levante.model import Model, build_model
-from levante.model.quantized import quantizer
+from levante.model.quantized import QuantLinear, quantizer
 from levante.tokenizer import Tokenizer, load_tokenizer
 from levante.weights import load_weights, open_checkpoint
 from levante.weights.hub import resolve
@@ -89,7 +89,9 @@ def load_model(
         model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress, transform=transform
     )
     model.prepare()
-    log.info("loaded %s (%s) as %s on %s", path, checkpoint.describe(), dtype, device)
+    quantized_layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    kept = f"; {len(quantized_layers)} projections on quantized weights" if quantized_layers else ""
+    log.info("loaded %s (%s) as %s on %s%s", path, checkpoint.describe(), dtype, device, kept)
     return model.eval()
 
 
