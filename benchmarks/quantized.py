@@ -1,6 +1,7 @@
 """Quantized weights on the demo model, one run: memory, perplexity, prefill and decode speed of
 its GGUF kept quantized (Q4_1 + Q8_0 blocks), the same GGUF dequantized at load (bfloat16), and
-`--quantization int8|int4` applied to those bfloat16 weights at load.
+`--quantization int8|int4` applied to those bfloat16 weights at load (int4 in groups of 32 and 64;
+the demo's hidden size, 576, is no multiple of 128).
 
 Perplexity is over the first --tokens tokens of a fixed text in the repository (the HumanEval
 sample prompts: code and English docstrings), one uncached forward per model. Speed is offline
@@ -68,6 +69,7 @@ def main() -> None:
         "GGUF dequantized at load": dict(quantized=False),
         "--quantization int8": dict(quantized=False, quantization="int8"),
         "--quantization int4": dict(quantized=False, quantization="int4"),
+        "--quantization int4, group 64": dict(quantized=False, quantization="int4-g64"),
     }
     print(
         f"demo model {demo_model_path().name}, {args.dtype}, {torch.get_num_threads()} threads, "

@@ -66,7 +66,8 @@ def server_config(args: argparse.Namespace, engine: EngineConfig, **extra: Any) 
     from levante.api.server import ServerConfig
     from levante.distributed.tensor_parallel import WorkerSpec, start
 
-    start(args.tensor_parallel_size, WorkerSpec(args.model, args.dtype, args.device, engine))
+    spec = WorkerSpec(args.model, args.dtype, args.device, engine, args.quantization)
+    start(args.tensor_parallel_size, spec)
     return ServerConfig(
         model=args.model,
         served_model_name=args.served_model_name,
@@ -227,8 +228,14 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         choices=["int8", "int4"],
-        help="quantize a float checkpoint's projections at load: int8 (symmetric) or int4 (asymmetric), "
-        "groups of 32 (GGUF Q8_0 / Q4_1); GGUF files keep their own quantization without it",
+        help="quantize a float checkpoint's projections at load: int8 (symmetric, groups of 32: Q8_0) "
+        "or int4 (asymmetric, see --quantization-group-size); GGUF files keep their own without it",
+    )
+    p.add_argument(
+        "--quantization-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        help="weights per scale and min of --quantization int4 (default 32: GGUF Q4_1; 64, 128: less memory)",
     )
     p.add_argument("--kv-cache-memory", type=positive(float), help="GiB for the KV cache (default: measured)")
     p.add_argument(
@@ -344,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             given, args.model = args.model, str(resolve(args.model, args.revision))
             if args.model != given and getattr(args, "served_model_name", "") is None:
                 args.served_model_name = given  # clients name it as the user did, as vLLM does
+        if getattr(args, "quantization_group_size", None):  # one scheme name from here on: int4-g64
+            if args.quantization != "int4":
+                raise LevanteError("--quantization-group-size applies to --quantization int4 only")
+            args.quantization = f"int4-g{args.quantization_group_size}"
         args.func(args)
     except LevanteError as e:
         print(f"levante: error: {e}", file=sys.stderr)

@@ -64,20 +64,20 @@ def load_model(
     """Builds the model on the meta device and fills it tensor by tensor, so peak memory stays
     close to the model's own size; inside a tensor-parallel group, to this rank's share. A GGUF's
     quantized matrices stay quantized where the kernels allow it, unless `quantized` is False
-    (the same numbers either way, see `levante.model.quantized`); `quantization` (int8, int4)
-    quantizes a float checkpoint's projections as they load."""
+    (the same numbers either way, see `levante.model.quantized`); `quantization` (int8, int4,
+    int4-g64, int4-g128) quantizes a float checkpoint's projections as they load."""
     if dtype == "auto":
         dtype = auto_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     rank, world = tensor_parallel.rank_and_world()
-    # GGUF matrices stay quantized where Levante's CPU kernels compute with them; a tensor-parallel
-    # rank slices its weights, which the quantized blocks do not support yet
-    kernels_run = device == "cpu" and dtype in ("float32", "bfloat16") and world == 1 and kernels.load()
+    # GGUF matrices stay quantized where Levante's CPU kernels compute with them (a tensor-parallel
+    # rank too: its share is sliced out of the blocks)
+    kernels_run = device == "cpu" and dtype in ("float32", "bfloat16") and kernels.load()
     if quantization is not None and not kernels_run:
         raise LevanteError(
-            "--quantization runs on Levante's CPU kernels: --device cpu, --dtype float32 or bfloat16, no "
-            "--tensor-parallel-size, and a C++ compiler"
+            "--quantization runs on Levante's CPU kernels: --device cpu, --dtype float32 or bfloat16, "
+            "and a C++ compiler"
         )
     transform = quantizer(quantization) if quantization is not None else None
     checkpoint = open_checkpoint(resolve(str(path)), keep_quantized=quantized and kernels_run)

@@ -22,6 +22,7 @@ from servers import running
 from levante.distributed import tensor_parallel
 from levante.engine import LLM, EngineConfig, SamplingParams
 from levante.model import build_model
+from levante.model.quantized import QuantLinear
 
 ENGINE = EngineConfig(kv_cache_memory=0.05, max_model_len=1024, max_num_batched_tokens=64)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -51,7 +52,9 @@ def probe(llm: LLM, with_image: bool) -> dict:
     )
     results = llm.generate(prompts(with_image), GREEDY)
     hook.remove()
-    return {"tokens": [r.outputs[0].token_ids for r in results], "logits": logits}
+    layers = llm.engine.model.decoder.layers
+    quantized = sum(isinstance(m, QuantLinear) for m in layers.modules())
+    return {"tokens": [r.outputs[0].token_ids for r in results], "logits": logits, "quantized": quantized}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,11 @@ def tiny_tp1(tiny_mistral: Path) -> LLM:
 @pytest.fixture(scope="module")
 def demo_tp1() -> LLM:
     return LLM(engine=ENGINE)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8_tp1(tiny_mistral: Path) -> LLM:
+    return LLM(tiny_mistral, engine=ENGINE, quantization="int8")
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +101,19 @@ def test_tp2_equals_tp1_on_tiny_mistral3_with_an_image(tiny_tp1: LLM, tp2: dict[
     assert_same(probe(tiny_tp1, with_image=True), tp2["tiny"])
 
 
-def test_tp2_equals_tp1_on_the_demo_model(demo_tp1: LLM, tp2: dict[str, dict]) -> None:
-    assert_same(probe(demo_tp1, with_image=False), tp2["demo"])
+def test_tp2_equals_tp1_on_the_demo_model_its_gguf_blocks_sliced_between_the_ranks(
+    demo_tp1: LLM, tp2: dict[str, dict]
+) -> None:
+    tp1 = probe(demo_tp1, with_image=False)
+    assert tp1["quantized"] == tp2["demo"]["quantized"] == 4 * len(demo_tp1.engine.model.decoder.layers)
+    assert_same(tp1, tp2["demo"])
+
+
+def test_tp2_equals_tp1_with_int8_quantization_at_load(tiny_int8_tp1: LLM, tp2: dict[str, dict]) -> None:
+    tp1 = probe(tiny_int8_tp1, with_image=True)
+    layers = len(tiny_int8_tp1.engine.model.decoder.layers)
+    assert tp1["quantized"] == tp2["tiny-int8"]["quantized"] == 4 * layers
+    assert_same(tp1, tp2["tiny-int8"])
 
 
 def shards(llm: LLM, world: int) -> tuple[dict[str, torch.Size], list[dict[str, torch.Size]]]:
@@ -103,7 +122,8 @@ def shards(llm: LLM, world: int) -> tuple[dict[str, torch.Size], list[dict[str, 
         models = [build_model(llm.engine.model.config) for _ in range(world + 1)]
     for rank, model in enumerate(models[1:]):
         tensor_parallel.shard(model, rank, world)
-    full, *ranks = [{n: p.shape for n, p in m.named_parameters()} for m in models]
+    # a row-parallel layer holds its slice as an inner `linear`
+    full, *ranks = [{n.replace(".linear.", "."): p.shape for n, p in m.named_parameters()} for m in models]
     return full, ranks
 
 
@@ -154,7 +174,9 @@ def test_served_with_tensor_parallel_2(tiny_mistral: Path, tiny_tp1: LLM, tmp_pa
 if __name__ == "__main__":  # rank 0 of the `tp2` fixture's process
     tiny, out = sys.argv[1], Path(sys.argv[2])
     results = {}
-    for name, model in (("tiny", tiny), ("demo", None)):
-        results[name] = probe(LLM(model, engine=ENGINE, tensor_parallel_size=2), with_image=name == "tiny")
+    runs = (("tiny", tiny, None), ("demo", None, None), ("tiny-int8", tiny, "int8"))
+    for name, model, quantization in runs:
+        llm = LLM(model, engine=ENGINE, tensor_parallel_size=2, quantization=quantization)
+        results[name] = probe(llm, with_image=name != "demo")
         tensor_parallel.stop()
     torch.save(results, out)

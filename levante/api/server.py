@@ -51,7 +51,7 @@ class ServerConfig:
     port: int = 8000
     dtype: str = "float32"
     device: str = "cpu"
-    quantization: str | None = None  # int8 | int4: quantize a float checkpoint at load
+    quantization: str | None = None  # int8 | int4 | int4-g64 | int4-g128: quantize a float checkpoint at load
     engine: EngineConfig = field(default_factory=EngineConfig)
     api_key: str | None = None
     generation_config: str = "auto"  # auto (the model's file), vllm (none) or a directory

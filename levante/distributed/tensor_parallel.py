@@ -37,6 +37,7 @@ from torch import nn
 
 from levante.errors import CheckpointError, LevanteError
 from levante.model import Model
+from levante.model.quantized import QuantizedTensor
 from levante.weights.checkpoint import Checkpoint, TensorEntry
 
 if TYPE_CHECKING:
@@ -66,16 +67,15 @@ def _meta_weight(*shape: int) -> nn.Parameter:
 
 class RowParallelLinear(nn.Module):
     """A bias-free Linear over this rank's slice of the input features; all ranks' partial outputs
-    are summed, so each ends with the full output. Not an nn.Linear, so nothing swaps it for a
-    module that would skip the sum: the engine sets `kernel` instead."""
+    are summed, so each ends with the full output. The slice is a plain `linear` inside, which the
+    loader and the engine treat as any other (quantized weights, kernels) while the sum stays here."""
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
-        self.weight = _meta_weight(out_features, in_features)
-        self.kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        self.linear: nn.Module = nn.Linear(in_features, out_features, bias=False, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x, self.weight)
+        y = self.linear(x)
         dist.all_reduce(y)
         return y
 
@@ -120,18 +120,21 @@ class VocabParallelHead(nn.Module):
 
 
 class Cut(NamedTuple):
-    """The slice [start, stop) along `dim` of a full tensor of shape `full` that a rank holds."""
+    """The slice [start, stop) along `dim` of a full tensor of shape `full` that a rank holds, and
+    the parameter it loads into (`None`: the one named like the tensor)."""
 
     dim: int
     start: int
     stop: int
     full: tuple[int, ...]
+    target: str | None = None
 
 
 @dataclass(frozen=True)
 class ShardedCheckpoint(Checkpoint):
     """The tensors one rank holds: its slice of each sharded tensor (copied, so the full tensor is
-    freed at once), the rest whole, and nothing under the `skip` prefixes."""
+    freed at once), the rest whole, and nothing under the `skip` prefixes. A quantized tensor is
+    sliced in its blocks, or dequantized first where the slice would cut through blocks."""
 
     cuts: dict[str, Cut] = field(default_factory=dict)
     skip: tuple[str, ...] = ()
@@ -147,8 +150,14 @@ class ShardedCheckpoint(Checkpoint):
                         f"{entry.file}: tensor {entry.source!r} has shape {tuple(entry.tensor.shape)}, "
                         f"the model expects {cut.full}"
                     )
-                sliced = entry.tensor.narrow(cut.dim, cut.start, cut.stop - cut.start).clone()
-                entry = replace(entry, tensor=sliced)
+                tensor = entry.tensor
+                if isinstance(tensor, QuantizedTensor):
+                    try:
+                        tensor.narrow(cut.dim, cut.start, cut.stop - cut.start)
+                    except ValueError:
+                        tensor = tensor.dequantize(torch.float32)
+                sliced = tensor.narrow(cut.dim, cut.start, cut.stop - cut.start).clone()
+                entry = replace(entry, name=cut.target or entry.name, tensor=sliced)
             yield entry
 
 
@@ -187,7 +196,7 @@ def shard(model: Model, rank: int, world: int) -> Plan:
     def row(parent: nn.Module, path: str, name: str, span: tuple[int, int]) -> None:
         old = getattr(parent, name)
         setattr(parent, name, RowParallelLinear(old.out_features, span[1] - span[0]))
-        cuts[f"{path}.{name}.weight"] = Cut(1, *span, tuple(old.weight.shape))
+        cuts[f"{path}.{name}.weight"] = Cut(1, *span, tuple(old.weight.shape), f"{path}.{name}.linear.weight")
 
     d, hd, group = text.hidden_size, text.head_dim, text.num_heads // text.num_kv_heads
     kv0, kv1 = split(text.num_kv_heads, world, rank)
@@ -240,6 +249,7 @@ class WorkerSpec:
     dtype: str
     device: str
     engine: EngineConfig
+    quantization: str | None = None
 
 
 class _Group:
@@ -348,7 +358,13 @@ def _follow(spec: WorkerSpec) -> None:
     from levante.engine.engine import build_runner
     from levante.loader import demo_model_path, load_model
 
-    model = load_model(spec.model or demo_model_path(), dtype=spec.dtype, device=spec.device, progress=False)
+    model = load_model(
+        spec.model or demo_model_path(),
+        dtype=spec.dtype,
+        device=spec.device,
+        progress=False,
+        quantization=spec.quantization,
+    )
     runner = build_runner(model, spec.engine)
     while True:
         message: list[Step | None] = [None]

@@ -38,8 +38,8 @@ def _children(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 def use_linear_kernels(model: Model, batch_invariant: bool) -> bool:
     """Puts the decoder's linear layers on the kernel the mode asks for; returns whether they are
     now batch-invariant (False where Levante's kernels cannot run: not on CPU, float16, or no
-    compiler). Tensor-parallel layers that are not `nn.Linear` take the kernel through their own
-    `kernel` attribute, so their all-reduce stays theirs."""
+    compiler). The vocab-parallel LM head takes the kernel through its own `kernel` attribute, so
+    its gather stays its own."""
     weight = model.decoder.norm.weight
     on_cpu = weight.device.type == "cpu"
     if batch_invariant and on_cpu and weight.dtype in (torch.float32, torch.bfloat16) and kernels.load():

@@ -69,7 +69,8 @@ class LLM:
         """`tensor_parallel_size` > 1 shards the model over that many processes: this one (rank 0)
         and workers it spawns (or torchrun's, which never return from here)."""
         engine = engine or EngineConfig()
-        spec = tensor_parallel.WorkerSpec(None if model is None else str(model), dtype, device, engine)
+        name = None if model is None else str(model)
+        spec = tensor_parallel.WorkerSpec(name, dtype, device, engine, quantization)
         tensor_parallel.start(tensor_parallel_size, spec)
         loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization)
         self.tokenizer = loaded.tokenizer

@@ -17,6 +17,7 @@ from gguf.quants import quantize
 from torch import nn
 
 from levante import kernels
+from levante.errors import LevanteError
 
 # ggml type id -> (weights per block, bytes per block): the types the kernels decode
 BLOCKS: dict[int, tuple[int, int]] = {
@@ -47,6 +48,20 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return kernels.dequantize(self.blocks, self.qtype, self.cols, dtype)
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedTensor:
+        """Rows [start, start + length) (dim 0), or columns (dim 1) where both ends fall on block
+        boundaries (ValueError otherwise): a tensor-parallel rank's share, still quantized."""
+        if dim == 0:
+            return replace(self, blocks=self.blocks[start : start + length])
+        elements, size = BLOCKS[self.qtype]
+        if start % elements or length % elements:
+            raise ValueError(f"columns [{start}, {start + length}) cut blocks of {elements} weights")
+        first, count = start // elements * size, length // elements * size
+        return replace(self, blocks=self.blocks[:, first : first + count], cols=length)
+
+    def clone(self) -> QuantizedTensor:
+        return replace(self, blocks=self.blocks.contiguous().clone())
 
 
 class QuantLinear(nn.Module):
@@ -96,33 +111,70 @@ class QuantEmbedding(nn.Module):
         return rows.view(*ids.shape, self.embedding_dim)
 
 
-# --quantization: what each scheme makes of a float checkpoint's decoder projections and LM head
-# (int4 keeps the head at int8, as llama.cpp's recipes keep `output.weight` at higher precision)
-SCHEMES: dict[str, tuple[GGMLQuantizationType, GGMLQuantizationType]] = {
-    "int8": (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q8_0),  # symmetric, group 32, fp16 scale
-    "int4": (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0),  # asymmetric, group 32, fp16 scale+min
-}
+# `--quantization int4` groups: 32 is GGUF's Q4_1; 64 and 128 are Levante's own widening of it
+# (csrc/quant.cpp), which llama.cpp cannot read but which saves the scale bytes
+INT4_GROUPS: dict[int, int] = {32: 3, 64: 1064, 128: 1128}
+BLOCKS.update({1064: (64, 36), 1128: (128, 68)})
+
+
+def scheme_types(scheme: str) -> tuple[int, int]:
+    """(projection type, LM head type) for `int8`, `int4` or `int4-g<group>`. int8 is Q8_0,
+    symmetric per group of 32 with an fp16 scale; int4 is asymmetric (scale and min) per group, of
+    32 by default. The LM head stays at int8, as llama.cpp's recipes keep `output.weight` higher."""
+    int8 = int(GGMLQuantizationType.Q8_0)
+    if scheme == "int8":
+        return int8, int8
+    name, _, group = scheme.partition("-g")
+    if name == "int4" and (not group or (group.isdigit() and int(group) in INT4_GROUPS)):
+        return INT4_GROUPS[int(group or 32)], int8
+    raise LevanteError(
+        f"quantization must be int8, int4 or int4-g<group> with a group of "
+        f"{', '.join(map(str, INT4_GROUPS))}, not {scheme!r}"
+    )
+
+
+def int4_blocks(w: np.ndarray, group: int) -> np.ndarray:
+    """gguf's Q4_1 quantizer, the same arithmetic over groups of `group` weights: per group an fp16
+    scale d = (max − min)/15 and min, then codes round((w − min)/d) in 32-weight chunks whose
+    element i and i+16 share a byte. [N, K] float → uint8 [N, K/group · (4 + group/2)]."""
+    rows = w.shape[0]
+    g = w.reshape(-1, group).astype(np.float32)
+    low, high = g.min(axis=-1, keepdims=True), g.max(axis=-1, keepdims=True)
+    d = (high - low) / 15
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, 0, 1 / d)
+    codes = np.trunc((g - low) * inverse + np.float32(0.5), dtype=np.float32).astype(np.uint8).clip(0, 15)
+    codes = codes.reshape(-1, group // 32, 2, 16)
+    packed = (codes[..., 0, :] | (codes[..., 1, :] << np.uint8(4))).reshape(-1, group // 2)
+    scales = [d.astype(np.float16).view(np.uint8), low.astype(np.float16).view(np.uint8)]
+    return np.concatenate([*scales, packed], axis=-1).reshape(rows, -1)
 
 
 def quantizer(scheme: str) -> Callable[[str, torch.Tensor], torch.Tensor | QuantizedTensor]:
     """The load-time transform `--quantization scheme` asks for: given a parameter's name and float
-    value, the value to load. Decoder projections and the LM head become GGUF blocks (gguf's own
-    quantizer, so the result is what llama.cpp's quantize writes for that type); the embedding
-    table, norms and the vision tower stay in the compute dtype."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, not {scheme!r}")
-    layers, head = SCHEMES[scheme]
+    value, the value to load. Decoder projections and the LM head become blocks (gguf's own
+    quantizer for Q8_0, its Q4_1 arithmetic for int4, so group 32 is what llama.cpp's quantize
+    writes); the embedding table, norms and the vision tower stay in the compute dtype."""
+    layers, head = scheme_types(scheme)
 
     def transform(name: str, value: torch.Tensor) -> torch.Tensor | QuantizedTensor:
         if name == "decoder.lm_head.weight":
             qtype = head
-        elif name.startswith("decoder.layers.") and name.endswith("_proj.weight"):
+        elif name.startswith("decoder.layers.") and value.dim() == 2:  # the projections (norms are 1-D)
             qtype = layers
         else:
             return value
-        if value.shape[1] % BLOCKS[int(qtype)][0]:
-            return value  # rows that do not split into whole blocks stay as they are
-        blocks = quantize(value.float().numpy(), qtype)
-        return QuantizedTensor(torch.from_numpy(np.ascontiguousarray(blocks)), int(qtype), value.shape[1])
+        group = BLOCKS[qtype][0]
+        if value.shape[1] % group:
+            raise LevanteError(
+                f"{name}: its {value.shape[1]} input features do not split into groups of {group} "
+                f"(--quantization {scheme})"
+            )
+        w = value.float().numpy()
+        if qtype in INT4_GROUPS.values():
+            blocks = int4_blocks(w, group)
+        else:
+            blocks = quantize(w, GGMLQuantizationType(qtype))
+        return QuantizedTensor(torch.from_numpy(np.ascontiguousarray(blocks)), qtype, value.shape[1])
 
     return transform

@@ -15,8 +15,9 @@
 namespace levante {
 namespace {
 
-// ggml's type ids
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+// ggml's type ids, and Levante's own for `--quantization int4` with groups of 64 and 128: Q4_1
+// widened (one fp16 scale and min per group, then its 32-weight chunks laid out as Q4_1's)
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q4_1_G64 = 1064, Q4_1_G128 = 1128 };
 
 struct Format {
   int64_t elements, bytes;  // per block
@@ -30,6 +31,8 @@ Format format(int64_t type) {
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
+    case Q4_1_G64: return {64, 36};
+    case Q4_1_G128: return {128, 68};
     default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
   }
 }
@@ -60,11 +63,16 @@ void decode(int64_t type, const uint8_t* b, float* y) {
       }
       return;
     }
-    case Q4_1: {
+    case Q4_1:
+    case Q4_1_G64:
+    case Q4_1_G128: {
       const float d = half(b), m = half(b + 2);
-      for (int l = 0; l < 16; ++l) {
-        y[l] = d * static_cast<float>(b[4 + l] & 15) + m;
-        y[l + 16] = d * static_cast<float>(b[4 + l] >> 4) + m;
+      for (int64_t c = 0; c < format(type).elements / 32; ++c, y += 32) {
+        const uint8_t* q = b + 4 + 16 * c;
+        for (int l = 0; l < 16; ++l) {
+          y[l] = d * static_cast<float>(q[l] & 15) + m;
+          y[l + 16] = d * static_cast<float>(q[l] >> 4) + m;
+        }
       }
       return;
     }
@@ -142,11 +150,15 @@ void decode_into(int64_t type, const uint8_t* b, T* y) {
       put(y + 16, _mm512_mul_ps(d, floats(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight))));
       return;
     }
-    case Q4_1: {
+    case Q4_1:
+    case Q4_1_G64:
+    case Q4_1_G128: {
       const __m512 d = _mm512_set1_ps(half(b)), m = _mm512_set1_ps(half(b + 2));
-      const __m512i q = bytes(b + 4);
-      put(y, _mm512_fmadd_ps(d, floats(_mm512_and_si512(q, low4)), m));  // d·q is exact: one rounding
-      put(y + 16, _mm512_fmadd_ps(d, floats(_mm512_srli_epi32(q, 4)), m));
+      for (int64_t c = 0; c < format(type).elements / 32; ++c, y += 32) {
+        const __m512i q = bytes(b + 4 + 16 * c);
+        put(y, _mm512_fmadd_ps(d, floats(_mm512_and_si512(q, low4)), m));  // d·q is exact: one rounding
+        put(y + 16, _mm512_fmadd_ps(d, floats(_mm512_srli_epi32(q, 4)), m));
+      }
       return;
     }
     case Q8_0: {
