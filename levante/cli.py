@@ -66,7 +66,7 @@ def server_config(args: argparse.Namespace, engine: EngineConfig, **extra: Any) 
     from levante.api.server import ServerConfig
     from levante.distributed.tensor_parallel import WorkerSpec, start
 
-    spec = WorkerSpec(args.model, args.dtype, args.device, engine, args.quantization)
+    spec = WorkerSpec(args.model, args.dtype, args.device, engine, args.quantization, args.mmproj)
     start(args.tensor_parallel_size, spec)
     return ServerConfig(
         model=args.model,
@@ -74,6 +74,8 @@ def server_config(args: argparse.Namespace, engine: EngineConfig, **extra: Any) 
         dtype=args.dtype,
         device=args.device,
         quantization=args.quantization,
+        mmproj=args.mmproj,
+        tokenizer=args.tokenizer,
         engine=engine,
         default_system_prompt=not args.no_system_prompt,
         **extra,
@@ -90,6 +92,8 @@ def make_llm(args: argparse.Namespace) -> LLM:
         engine=engine_config(args, max_num_seqs=1),  # one user at a time: one sequence's worth
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
+        mmproj=args.mmproj,
+        tokenizer=args.tokenizer,
     )
 
 
@@ -218,6 +222,15 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "(org/Model-GGUF:Q4_K_M); default: the SmolLM2 demo model",
     )
     p.add_argument("--revision", help="the Hub revision (branch, tag or commit) of a repo id --model")
+    p.add_argument(
+        "--mmproj",
+        help="llama.cpp's mmproj GGUF for a GGUF --model: the Pixtral vision tower and projector",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="take the tokenizer from this directory or Hub id instead (for a GGUF --model: the original "
+        "repo, whose tekken.json handles images and tools)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,3 +240,38 @@ def from_gguf_fields(fields: dict[str, Any], tensor_names: set[str], where: str)
     if fields.get("llama.rope.scaling.type") not in (None, "none"):
         raise CheckpointError(f"{where}: rope scaling is not supported")
     return ModelConfig(text=text, layout="gguf", architecture="LlamaForCausalLM")
+
+
+def with_mmproj(text: ModelConfig, fields: dict[str, Any], tensor_names: set[str], where: str) -> ModelConfig:
+    """A GGUF text model joined with llama.cpp's mmproj file for Pixtral (Mistral Small 3.1/3.2's
+    vision tower and projector, `clip.projector_type` "pixtral"); `fields` is the mmproj's metadata."""
+    kind = fields.get("clip.projector_type") or fields.get("clip.vision.projector_type")
+    if fields.get("general.architecture") != "clip" or kind != "pixtral":
+        raise CheckpointError(
+            f"{where}: not a Pixtral mmproj GGUF (architecture {fields.get('general.architecture')!r}, "
+            f"projector {kind!r}; supported: clip / pixtral)"
+        )
+
+    def get(key: str) -> int:
+        return int(_require(fields, f"clip.vision.{key}", where))
+
+    theta = fields.get("clip.vision.rope.freq_base", fields.get("clip.rope.freq_base", 10000.0))
+    vision = VisionConfig(
+        hidden_size=get("embedding_length"),
+        num_layers=get("block_count"),
+        num_heads=get("attention.head_count"),
+        intermediate_size=get("feed_forward_length"),
+        patch_size=get("patch_size"),
+        image_size=get("image_size"),
+        rope_theta=float(theta),
+        num_channels=3,
+        hidden_act="silu" if fields.get("clip.use_silu") else "gelu",
+        rms_norm_eps=float(fields.get("clip.vision.attention.layer_norm_epsilon", 1e-5)),
+    )
+    return replace(
+        text,
+        architecture="Mistral3ForConditionalGeneration",
+        vision=vision,
+        spatial_merge_size=int(fields.get("clip.vision.spatial_merge_size", 2)),
+        projector_bias="mm.1.bias" in tensor_names,
+    )

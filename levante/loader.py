@@ -60,12 +60,14 @@ def load_model(
     progress: bool = True,
     quantized: bool = True,
     quantization: str | None = None,
+    mmproj: str | Path | None = None,
 ) -> Model:
     """Builds the model on the meta device and fills it tensor by tensor, so peak memory stays
     close to the model's own size; inside a tensor-parallel group, to this rank's share. A GGUF's
     quantized matrices stay quantized where the kernels allow it, unless `quantized` is False
     (the same numbers either way, see `levante.model.quantized`); `quantization` (int8, int4,
-    int4-g64, int4-g128) quantizes a float checkpoint's projections as they load."""
+    int4-g64, int4-g128) quantizes a float checkpoint's projections as they load; `mmproj` adds
+    llama.cpp's vision file to a GGUF text model."""
     if dtype == "auto":
         dtype = auto_dtype(device)
     if dtype not in DTYPES:
@@ -80,7 +82,7 @@ def load_model(
             "and a C++ compiler"
         )
     transform = quantizer(quantization) if quantization is not None else None
-    checkpoint = open_checkpoint(resolve(str(path)), keep_quantized=quantized and kernels_run)
+    checkpoint = open_checkpoint(resolve(str(path)), keep_quantized=quantized and kernels_run, mmproj=mmproj)
     with torch.device("meta"):
         model = build_model(checkpoint.config)
     if world > 1:  # this rank's modules, and only its slices of the weights
@@ -104,12 +106,17 @@ def load(
     default_system_prompt: bool = True,
     quantized: bool = True,
     quantization: str | None = None,
+    mmproj: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> LoadedModel:
-    """Model and tokenizer from one path or Hub id (`weights.hub.resolve`; the demo model when None)."""
+    """Model and tokenizer from one path or Hub id (`weights.hub.resolve`; the demo model when None).
+    `tokenizer`: another path or Hub id to take the tokenizer from, as vLLM's --tokenizer (a GGUF's
+    own vocabulary has no image support; the original repo's `tekken.json` has)."""
     resolved = resolve(str(path)) if path is not None else demo_model_path()
     if not resolved.exists():
         raise CheckpointError(f"{resolved}: no such file or directory")
-    tokenizer = load_tokenizer(resolved, default_system_prompt=default_system_prompt)
+    vocabulary = resolve(str(tokenizer)) if tokenizer is not None else resolved
+    tokens = load_tokenizer(vocabulary, default_system_prompt=default_system_prompt)
     model = load_model(
         resolved,
         dtype=dtype,
@@ -117,5 +124,6 @@ def load(
         progress=progress,
         quantized=quantized,
         quantization=quantization,
+        mmproj=mmproj,
     )
-    return LoadedModel(resolved, model.config, model, tokenizer)
+    return LoadedModel(resolved, model.config, model, tokens)

@@ -52,6 +52,8 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str | None = None  # int8 | int4 | int4-g64 | int4-g128: quantize a float checkpoint at load
+    mmproj: str | None = None  # llama.cpp's vision file for a GGUF model
+    tokenizer: str | None = None  # where the tokenizer comes from, when not the model's own
     engine: EngineConfig = field(default_factory=EngineConfig)
     api_key: str | None = None
     generation_config: str = "auto"  # auto (the model's file), vllm (none) or a directory
@@ -146,6 +148,8 @@ class Server:
             device=cfg.device,
             default_system_prompt=cfg.default_system_prompt,
             quantization=cfg.quantization,
+            mmproj=cfg.mmproj,
+            tokenizer=cfg.tokenizer,
         )
         engine = AsyncEngine(Engine(loaded.model, loaded.tokenizer, cfg.engine))
         path = loaded.path

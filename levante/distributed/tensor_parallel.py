@@ -250,6 +250,7 @@ class WorkerSpec:
     device: str
     engine: EngineConfig
     quantization: str | None = None
+    mmproj: str | None = None
 
 
 class _Group:
@@ -364,6 +365,7 @@ def _follow(spec: WorkerSpec) -> None:
         device=spec.device,
         progress=False,
         quantization=spec.quantization,
+        mmproj=spec.mmproj,
     )
     runner = build_runner(model, spec.engine)
     while True:

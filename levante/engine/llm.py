@@ -65,14 +65,24 @@ class LLM:
         engine: EngineConfig | None = None,
         tensor_parallel_size: int = 1,
         quantization: str | None = None,
+        mmproj: str | Path | None = None,
+        tokenizer: str | Path | None = None,
     ) -> None:
         """`tensor_parallel_size` > 1 shards the model over that many processes: this one (rank 0)
         and workers it spawns (or torchrun's, which never return from here)."""
         engine = engine or EngineConfig()
-        name = None if model is None else str(model)
-        spec = tensor_parallel.WorkerSpec(name, dtype, device, engine, quantization)
+        name, vision = (None if p is None else str(p) for p in (model, mmproj))
+        spec = tensor_parallel.WorkerSpec(name, dtype, device, engine, quantization, vision)
         tensor_parallel.start(tensor_parallel_size, spec)
-        loaded = load(model, dtype=dtype, device=device, progress=False, quantization=quantization)
+        loaded = load(
+            model,
+            dtype=dtype,
+            device=device,
+            progress=False,
+            quantization=quantization,
+            mmproj=mmproj,
+            tokenizer=tokenizer,
+        )
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded.model, loaded.tokenizer, engine)
 

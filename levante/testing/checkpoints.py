@@ -365,6 +365,81 @@ def write_gguf(path: Path, spec: TinySpec, tensors: GGUFTensors) -> Path:
     return path
 
 
+# llama.cpp's mmproj names for the vision tower and projector (its converter's Pixtral mapping)
+_MMPROJ_FIXED = {
+    "vision.patch_conv.weight": "v.patch_embd.weight",
+    "vision.ln_pre.weight": "v.pre_ln.weight",
+    "projector.norm.weight": "mm.input_norm.weight",
+    "projector.patch_merger.merging_layer.weight": "mm.patch_merger.weight",
+    "projector.linear_1.weight": "mm.1.weight",
+    "projector.linear_2.weight": "mm.2.weight",
+    "projector.linear_1.bias": "mm.1.bias",
+    "projector.linear_2.bias": "mm.2.bias",
+}
+_MMPROJ_LAYER = {
+    "attention_norm": "ln1",
+    "ffn_norm": "ln2",
+    "attention.q_proj": "attn_q",
+    "attention.k_proj": "attn_k",
+    "attention.v_proj": "attn_v",
+    "attention.o_proj": "attn_out",
+    "feed_forward.gate_proj": "ffn_gate",
+    "feed_forward.up_proj": "ffn_up",
+    "feed_forward.down_proj": "ffn_down",
+}
+
+
+def write_mmproj(
+    path: Path,
+    weights: Weights,
+    spec: TinySpec,
+    matrix_type: GGMLQuantizationType = GGMLQuantizationType.F16,
+    img_break: torch.Tensor | None = None,
+) -> Path:
+    """llama.cpp's mmproj GGUF for a Pixtral vision tower (what its converter writes for Mistral
+    Small 3.1/3.2): `clip` metadata, `v.*`/`mm.*` names, q/k rows interleaved, matrices in
+    `matrix_type`, norms and the patch convolution F32, and a copy of the [IMG_BREAK] embedding."""
+    config = spec.model_config()
+    writer = GGUFWriter(path, "clip")
+    writer.add_string("clip.projector_type", "pixtral")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.use_silu", True)
+    for key, value in {
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "embedding_length": spec.vision_hidden_size,
+        "feed_forward_length": spec.vision_intermediate_size,
+        "projection_dim": spec.hidden_size,
+        "block_count": spec.vision_num_layers,
+        "attention.head_count": spec.vision_num_heads,
+        "spatial_merge_size": spec.spatial_merge_size,
+    }.items():
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_float32("clip.vision.rope.freq_base", spec.vision_rope_theta)
+    writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    for name, w in weights.items():
+        if not name.startswith(("vision.", "projector.")):
+            continue
+        if name in _MMPROJ_FIXED:
+            gguf_name = _MMPROJ_FIXED[name]
+        else:
+            _, _, layer, module = name.removesuffix(".weight").split(".", 3)
+            gguf_name = f"v.blk.{layer}.{_MMPROJ_LAYER[module]}.weight"
+        heads = rotary_heads(name, config)
+        values = (to_interleaved(w, heads) if heads else w).float().numpy()
+        qtype = matrix_type if values.ndim == 2 else GGMLQuantizationType.F32
+        writer.add_tensor(gguf_name, quantize(values, qtype), raw_dtype=qtype)
+    if img_break is not None:
+        writer.add_tensor("v.token_embd.img_break", img_break.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # Byte offsets of each block's float16 scale fields (ggml's block layouts); filled with sane
 # values so random blocks dequantize to finite numbers.
 _SCALES = {

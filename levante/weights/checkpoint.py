@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from levante.config import Layout, ModelConfig, from_hf, from_params
+from levante.config import Layout, ModelConfig, from_hf, from_params, with_mmproj
 from levante.errors import CheckpointError
 from levante.model.quantized import QuantizedTensor
 from levante.weights.gguf_file import GGUFFile
@@ -31,6 +31,23 @@ class TensorSource(Protocol):
     def files(self) -> tuple[Path, ...]: ...
     def names(self) -> list[str]: ...
     def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor | QuantizedTensor]]: ...
+
+
+@dataclass(frozen=True)
+class Joined:
+    """Several files' tensors as one source: a GGUF text model and its mmproj file."""
+
+    parts: tuple[TensorSource, ...]
+
+    def files(self) -> tuple[Path, ...]:
+        return tuple(f for part in self.parts for f in part.files())
+
+    def names(self) -> list[str]:
+        return [n for part in self.parts for n in part.names()]
+
+    def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor | QuantizedTensor]]:
+        for part in self.parts:
+            yield from part
 
 
 @dataclass(frozen=True)
@@ -145,14 +162,19 @@ def _open_directory(path: Path) -> tuple[ModelConfig, TensorSource]:
     return from_hf(path / "config.json"), files
 
 
-def open_checkpoint(path: str | os.PathLike[str], keep_quantized: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str], keep_quantized: bool = False, mmproj: str | os.PathLike[str] | None = None
+) -> Checkpoint:
     """A model directory (HF and/or Mistral-native) or a .gguf file: its config now, its
     tensors on demand. Every file header is checked here, before any tensor is read. With
-    `keep_quantized`, a GGUF's quantized matrices come as `QuantizedTensor`s."""
+    `keep_quantized`, a GGUF's quantized matrices come as `QuantizedTensor`s. `mmproj` adds the
+    vision tower and projector of llama.cpp's mmproj file to a GGUF text model."""
     path = Path(path)
     source: TensorSource
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if mmproj is not None:
+        return _with_mmproj(path, Path(mmproj), keep_quantized)
     if path.is_dir():
         config, source = _open_directory(path)
     elif path.suffix == ".gguf":
@@ -160,4 +182,21 @@ def open_checkpoint(path: str | os.PathLike[str], keep_quantized: bool = False) 
         config, source = gguf.config, gguf
     else:
         raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+    return Checkpoint(path, _tie_as_the_files_say(config, source, path), source)
+
+
+def _with_mmproj(path: Path, mmproj: Path, keep_quantized: bool) -> Checkpoint:
+    if path.suffix != ".gguf":
+        raise CheckpointError(f"--mmproj {mmproj}: goes with a .gguf model, not {path}")
+    if not mmproj.is_file():
+        raise CheckpointError(f"--mmproj {mmproj}: no such file")
+    text = GGUFFile(path, keep_quantized)
+    vision = GGUFFile(mmproj, keep_quantized, model=False)
+    if text.config.vision is not None:
+        raise CheckpointError(f"{path}: already has a vision tower")
+    config = with_mmproj(text.config, vision.metadata, set(vision.names()), str(mmproj))
+    tokens = text.metadata.get("tokenizer.ggml.tokens") or []
+    if "[IMG]" in tokens:  # the image placeholder's id in this vocabulary (10 in Mistral's)
+        config = replace(config, image_token_id=tokens.index("[IMG]"))
+    source = Joined((text, vision))
     return Checkpoint(path, _tie_as_the_files_say(config, source, path), source)

@@ -22,6 +22,9 @@ from levante.model.quantized import BLOCKS, QuantizedTensor
 
 _T = GGMLQuantizationType
 # The types the tests check against gguf's reference dequantization; others fail up front.
+# What llama.cpp's files hold that Levante has elsewhere: the mmproj's copy of the [IMG_BREAK]
+# embedding (the text model's own row is used)
+UNUSED = frozenset({"v.token_embd.img_break", "v.token_embd.img_break.weight"})
 SUPPORTED_TYPES = frozenset({_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 
 
@@ -33,13 +36,13 @@ class GGUFContents:
 
 def read_gguf(path: Path) -> GGUFContents:
     """Parsing a GGUF file takes seconds (most of it the vocabulary), and the weights and the
-    tokenizer both need it: the last file parsed is kept, keyed by its size and mtime. Raises
+    tokenizer both need it: the last two files parsed are kept, keyed by its size and mtime. Raises
     what gguf raises on a bad file (OSError, ValueError, IndexError, KeyError)."""
     stat = path.stat()
     return _parse(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)  # a model and its mmproj
 def _parse(path: Path, mtime_ns: int, size: int) -> GGUFContents:
     # Only plain values are kept: the reader's parsed fields (the vocabulary and merges as numpy
     # arrays) would otherwise add ~150 MiB to the demo model's peak.
@@ -60,7 +63,8 @@ class GGUFFile:
     """An opened GGUF file whose every tensor has been checked to be present and of a
     supported type; `config` comes from its metadata."""
 
-    def __init__(self, path: Path, keep_quantized: bool = False) -> None:
+    def __init__(self, path: Path, keep_quantized: bool = False, *, model: bool = True) -> None:
+        """`model`: the file describes a model (its config is read); an mmproj file does not."""
         try:
             # The reader memory-maps the file and slices each tensor out of it: a truncated
             # file fails here, on the first tensor that runs past the end.
@@ -75,18 +79,22 @@ class GGUFFile:
                 raise CheckpointError(
                     f"{path}: tensor {t.name} is {t.tensor_type.name}, which is not supported ({supported})"
                 )
-        self.config: ModelConfig = from_gguf_fields(contents.metadata, set(self.names()), str(path))
+        self.metadata = contents.metadata
+        if model:
+            self.config: ModelConfig = from_gguf_fields(contents.metadata, set(self.names()), str(path))
 
     def files(self) -> tuple[Path, ...]:
         return (self.path,)
 
     def names(self) -> list[str]:
-        return [t.name for t in self._tensors]
+        return [t.name for t in self._tensors if t.name not in UNUSED]
 
     def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor | QuantizedTensor]]:
         """(name in the file, file, tensor in PyTorch's row-major shape): float32, or the file's own
         blocks (copied out of the mapping) for a matrix of a type the kernels read."""
         for t in self._tensors:
+            if t.name in UNUSED:
+                continue
             if self.keep_quantized and t.tensor_type in BLOCKS and len(t.shape) == 2:
                 yield t.name, self.path, QuantizedTensor(_mapped(t.data), int(t.tensor_type), int(t.shape[0]))
                 continue

@@ -65,6 +65,17 @@ _GGUF = _rules(
     (r"blk.(\d+).attn_([qkv]).weight", r"decoder.layers.\1.self_attn.\2_proj.weight"),
     (r"blk.(\d+).attn_output.weight", r"decoder.layers.\1.self_attn.o_proj.weight"),
     (r"blk.(\d+).ffn_(gate|up|down).weight", r"decoder.layers.\1.mlp.\2_proj.weight"),
+    # llama.cpp's mmproj file for Pixtral (`--mmproj`)
+    ("v.patch_embd.weight", "vision.patch_conv.weight"),
+    ("v.pre_ln.weight", "vision.ln_pre.weight"),
+    (r"v.blk.(\d+).attn_([qkv]).weight", r"vision.layers.\1.attention.\2_proj.weight"),
+    (r"v.blk.(\d+).attn_out.weight", r"vision.layers.\1.attention.o_proj.weight"),
+    (r"v.blk.(\d+).ln1.weight", r"vision.layers.\1.attention_norm.weight"),
+    (r"v.blk.(\d+).ln2.weight", r"vision.layers.\1.ffn_norm.weight"),
+    (r"v.blk.(\d+).ffn_(gate|up|down).weight", r"vision.layers.\1.feed_forward.\2_proj.weight"),
+    ("mm.input_norm.weight", "projector.norm.weight"),
+    ("mm.patch_merger.weight", "projector.patch_merger.merging_layer.weight"),
+    (r"mm.([12]).(weight|bias)", r"projector.linear_\1.\2"),
 )
 
 _TABLES: dict[Layout, _Rules] = {"hf": _HF, "mistral": _MISTRAL, "gguf": _GGUF}
