@@ -323,19 +323,34 @@ def gguf_tensors(
     """The text decoder's tensors as llama.cpp's converter stores them: GGUF names, q/k rows
     interleaved, norms in F32 and matrices in `matrix_type` (any type gguf can quantize to).
     Vision weights are left out: llama.cpp keeps them in a separate mmproj file."""
+    return _llama_cpp_tensors(weights, spec, matrix_type, ("decoder.",), _GGUF_FIXED, "blk", _GGUF_LAYER)
+
+
+def _llama_cpp_tensors(
+    weights: Weights,
+    spec: TinySpec,
+    matrix_type: GGMLQuantizationType,
+    prefixes: tuple[str, ...],
+    fixed: dict[str, str],
+    block: str,
+    layer_names: dict[str, str],
+) -> GGUFTensors:
+    """The weights under `prefixes` renamed as llama.cpp does (`fixed` names, else
+    `{block}.{i}.{layer_names[module]}.weight`), q/k rows interleaved, matrices in `matrix_type`
+    and everything else (norms, the patch convolution) in F32."""
     config = spec.model_config()
     out: GGUFTensors = {}
     for name, w in weights.items():
-        if not name.startswith("decoder."):
+        if not name.startswith(prefixes):
             continue
-        if name in _GGUF_FIXED:
-            gguf_name = _GGUF_FIXED[name]
+        if name in fixed:
+            gguf_name = fixed[name]
         else:
             _, _, layer, module = name.removesuffix(".weight").split(".", 3)
-            gguf_name = f"blk.{layer}.{_GGUF_LAYER[module]}.weight"
+            gguf_name = f"{block}.{layer}.{layer_names[module]}.weight"
         heads = rotary_heads(name, config)
         values = (to_interleaved(w, heads) if heads else w).float().numpy()
-        qtype = matrix_type if values.ndim > 1 else GGMLQuantizationType.F32
+        qtype = matrix_type if values.ndim == 2 else GGMLQuantizationType.F32
         out[gguf_name] = (quantize(values, qtype), qtype)
     return out
 
@@ -399,7 +414,6 @@ def write_mmproj(
     """llama.cpp's mmproj GGUF for a Pixtral vision tower (what its converter writes for Mistral
     Small 3.1/3.2): `clip` metadata, `v.*`/`mm.*` names, q/k rows interleaved, matrices in
     `matrix_type`, norms and the patch convolution F32, and a copy of the [IMG_BREAK] embedding."""
-    config = spec.model_config()
     writer = GGUFWriter(path, "clip")
     writer.add_string("clip.projector_type", "pixtral")
     writer.add_bool("clip.has_vision_encoder", True)
@@ -419,18 +433,11 @@ def write_mmproj(
     writer.add_float32("clip.vision.rope.freq_base", spec.vision_rope_theta)
     writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
     writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
-    for name, w in weights.items():
-        if not name.startswith(("vision.", "projector.")):
-            continue
-        if name in _MMPROJ_FIXED:
-            gguf_name = _MMPROJ_FIXED[name]
-        else:
-            _, _, layer, module = name.removesuffix(".weight").split(".", 3)
-            gguf_name = f"v.blk.{layer}.{_MMPROJ_LAYER[module]}.weight"
-        heads = rotary_heads(name, config)
-        values = (to_interleaved(w, heads) if heads else w).float().numpy()
-        qtype = matrix_type if values.ndim == 2 else GGMLQuantizationType.F32
-        writer.add_tensor(gguf_name, quantize(values, qtype), raw_dtype=qtype)
+    vision = ("vision.", "projector.")
+    for name, (data, qtype) in _llama_cpp_tensors(
+        weights, spec, matrix_type, vision, _MMPROJ_FIXED, "v.blk", _MMPROJ_LAYER
+    ).items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
     if img_break is not None:
         writer.add_tensor("v.token_embd.img_break", img_break.float().numpy())
     writer.write_header_to_file()
