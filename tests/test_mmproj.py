@@ -12,10 +12,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from PIL import Image
-from test_tensor_parallel import image_url
+from test_tensor_parallel import ENGINE, probe, prompts
 
 from levante.cli import main
-from levante.engine import LLM, EngineConfig, SamplingParams
+from levante.engine import LLM
 from levante.errors import CheckpointError, TokenizerError
 from levante.loader import demo_model_path, load_model
 from levante.model.quantized import QuantLinear
@@ -23,8 +23,6 @@ from levante.testing.checkpoints import TinySpec, gguf_tensors, random_weights, 
 from levante.tokenizer import load_tokenizer
 
 SPEC = TinySpec(dtype=torch.float32)  # the tiny_mistral fixture's spec and seed
-ENGINE = EngineConfig(kv_cache_memory=0.05, max_model_len=1024)
-GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 Q = GGMLQuantizationType
 
 
@@ -40,32 +38,25 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def messages() -> list:
-    content = [
-        {"type": "image_url", "image_url": {"url": image_url(84, 56, 1)}},
-        {"type": "text", "text": "What is in the picture?"},
-    ]
-    return [[{"role": "user", "content": content}], [{"role": "user", "content": "No picture here."}]]
-
-
-def probe(llm: LLM) -> dict:
-    logits: list[torch.Tensor] = []
-    hook = llm.engine.model.decoder.lm_head.register_forward_hook(
-        lambda _m, _i, out: logits.append(out.clone())
-    )
-    results = llm.generate(messages(), GREEDY)
-    hook.remove()
-    return {"tokens": [r.outputs[0].token_ids for r in results], "logits": torch.cat(logits)}
-
-
 def test_gguf_plus_mmproj_is_the_hf_model_with_an_image(tiny_mistral: Path, files: dict[str, Path]) -> None:
-    want = probe(LLM(tiny_mistral, engine=ENGINE))
+    """The tensor-parallel tests' probe: an image request and a text one batched, greedy."""
+    want = probe(LLM(tiny_mistral, engine=ENGINE), with_image=True)
     llm = LLM(files["text"], mmproj=files["f32"], tokenizer=tiny_mistral, engine=ENGINE)
     model = llm.engine.model
     assert model.config.architecture == "Mistral3ForConditionalGeneration" and model.vision is not None
-    got = probe(llm)
+    got = probe(llm, with_image=True)
     assert got["tokens"] == want["tokens"]
-    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got["logits"]), torch.cat(want["logits"]), rtol=0, atol=1e-5)
+
+
+def test_an_mmproj_for_another_text_model_is_refused_naming_the_tensor(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    wider = TinySpec(dtype=torch.float32, hidden_size=96)
+    other = write_mmproj(tmp_path / "mmproj-wider.gguf", random_weights(wider, 0), wider)
+    shape = r"tensor 'mm\.1\.weight' has shape \(96, 64\), the model expects \(64, 64\)"
+    with pytest.raises(CheckpointError, match=shape):
+        load_model(files["text"], mmproj=other, progress=False)
 
 
 def test_a_quantized_mmproj_stays_quantized_and_stays_close(
@@ -103,4 +94,4 @@ def test_files_that_do_not_fit_are_refused_by_name(tiny_mistral: Path, files: di
         load_model(files["text"], mmproj=files["f32"].with_name("missing.gguf"), progress=False)
     # a GGUF's own vocabulary (here the demo model's) has no image support: an image request says so
     with pytest.raises(TokenizerError, match="no image support"):
-        load_tokenizer(demo_model_path()).encode_chat(messages()[0])
+        load_tokenizer(demo_model_path()).encode_chat(prompts(with_image=True)[0])

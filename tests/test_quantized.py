@@ -16,6 +16,7 @@ from test_batch_invariance import prompts, run
 
 from levante import kernels
 from levante.cli import main
+from levante.distributed.tensor_parallel import Cut, ShardedCheckpoint
 from levante.engine import Engine, EngineConfig
 from levante.engine.linears import use_linear_kernels
 from levante.errors import LevanteError
@@ -25,12 +26,14 @@ from levante.model.quantized import (
     BLOCKS,
     INT4_GROUPS,
     QuantEmbedding,
+    QuantizedTensor,
     QuantLinear,
     int4_blocks,
     quantizer,
     scheme_types,
 )
 from levante.testing.checkpoints import QUANT_MIX_SPEC, quant_mix_tensors, random_blocks, write_gguf
+from levante.weights import open_checkpoint
 
 Q = GGMLQuantizationType
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -73,15 +76,31 @@ def test_wider_int4_groups_compute_what_their_dequantized_weights_do(group: int,
     raw = int4_blocks(w, group)
     assert raw.shape == (n, k // group * (4 + group // 2))
     expected = _int4_reference(raw, group).reshape(n, k)
-    assert np.abs(expected - w).max() <= (w.max() - w.min()) / 15  # each weight within one step of its group
-    blocks, qtype = torch.from_numpy(raw), INT4_GROUPS[group]
+    # each weight rounded to the nearest of its group's 16 levels (give or take the fp16 scale and min)
+    groups = w.reshape(-1, group)
+    step = (groups.max(-1) - groups.min(-1)) / 15
+    slack = np.abs(groups.min(-1)) * 2**-10 + 15 * step * 2**-10
+    assert (np.abs(expected.reshape(-1, group) - groups).max(-1) <= step / 2 + slack).all()
     reference = torch.from_numpy(expected).to(dtype)
-    assert torch.equal(kernels.dequantize(blocks, qtype, k, dtype), reference)
-    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    _assert_the_dense_kernels_bits(torch.from_numpy(raw), INT4_GROUPS[group], reference)
+
+
+def _assert_the_dense_kernels_bits(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) -> None:
+    """The blocks dequantize to `reference` (in its dtype), and their matmul gives the dense kernel's
+    bits on it for every row count from one to past two AMX tile pairs, and alone or stacked with
+    rows of another type (as merged projections are)."""
+    n, k = reference.shape
+    assert torch.equal(kernels.dequantize(blocks, qtype, k, reference.dtype), reference)
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(reference.dtype)
     full = kernels.quant_linear(x, [blocks], [qtype], k)
     assert torch.equal(full, kernels.linear(x, kernels.pack(reference), n))
-    for m in (1, 3, 17):
+    for m in (1, 2, 5, 16, 17, 33):
         assert torch.equal(kernels.quant_linear(x[-m:], [blocks], [qtype], k), full[-m:]), m
+    other = random_blocks(Q.Q8_0, (40, k), np.random.default_rng(0))
+    stacked = kernels.quant_linear(x, [blocks, torch.from_numpy(other)], [qtype, int(Q.Q8_0)], k)
+    assert torch.equal(stacked[:, :n], full)
+    second = torch.from_numpy(dequantize(other, Q.Q8_0).reshape(40, k).copy()).to(reference.dtype)
+    assert torch.equal(stacked[:, n:], kernels.linear(x, kernels.pack(second), 40))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -89,25 +108,42 @@ def test_wider_int4_groups_compute_what_their_dequantized_weights_do(group: int,
 def test_quantized_matmul_is_the_dense_kernel_on_gguf_dequantized_weights(
     qtype: GGMLQuantizationType, dtype: torch.dtype
 ) -> None:
-    """Every row count from one to past two AMX tile pairs, N not a multiple of any tile."""
-    rng = np.random.default_rng(int(qtype))
+    """N = 75: not a multiple of any tile."""
     n, k = 75, 512
-    raw = random_blocks(qtype, (n, k), rng)
-    blocks = torch.from_numpy(raw)
+    raw = random_blocks(qtype, (n, k), np.random.default_rng(int(qtype)))
     reference = torch.from_numpy(dequantize(raw, qtype).reshape(n, k).copy()).to(dtype)
-    assert torch.equal(kernels.dequantize(blocks, int(qtype), k, dtype), reference)
-    dense = kernels.pack(reference)
-    x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(dtype)
-    full = kernels.quant_linear(x, [blocks], [int(qtype)], k)
-    assert torch.equal(full, kernels.linear(x, dense, n))
-    for m in (1, 2, 5, 16, 17, 33):
-        assert torch.equal(kernels.quant_linear(x[-m:], [blocks], [int(qtype)], k), full[-m:]), m
-    # stacked with rows of another type, as merged projections are: each part keeps its bits
-    other = random_blocks(Q.Q8_0, (40, k), rng)
-    stacked = kernels.quant_linear(x, [blocks, torch.from_numpy(other)], [int(qtype), int(Q.Q8_0)], k)
-    assert torch.equal(stacked[:, :n], full)
-    second = torch.from_numpy(dequantize(other, Q.Q8_0).reshape(40, k).copy()).to(dtype)
-    assert torch.equal(stacked[:, n:], kernels.linear(x, kernels.pack(second), 40))
+    _assert_the_dense_kernels_bits(torch.from_numpy(raw), int(qtype), reference)
+
+
+def test_a_quantized_tensor_narrows_to_whole_blocks_and_a_rank_dequantizes_a_cut_through_them(
+    tmp_path: Path,
+) -> None:
+    """Tensor-parallel slicing: rows and block-aligned columns stay quantized (and a column slice
+    is copied dense, as the kernels read it); a cut inside a block is refused, and a rank's
+    checkpoint view then dequantizes that one tensor."""
+    f32 = torch.float32
+    t = QuantizedTensor(torch.from_numpy(random_blocks(Q.Q4_K, (8, 512), np.random.default_rng(5))), 12, 512)
+    dense = t.dequantize(f32)
+    rows = t.narrow(0, 2, 3).clone()
+    assert rows.shape == (3, 512) and torch.equal(rows.dequantize(f32), dense[2:5])
+    columns = t.narrow(1, 256, 256)
+    assert not columns.blocks.is_contiguous()
+    copy = columns.clone()
+    assert copy.blocks.is_contiguous() and copy.shape == (8, 256)
+    assert torch.equal(copy.dequantize(f32), dense[:, 256:])
+    with pytest.raises(ValueError, match=r"columns \[128, 384\) cut blocks of 256 weights"):
+        t.narrow(1, 128, 256)
+
+    _, tensors = quant_mix_tensors()
+    path = write_gguf(tmp_path / "mix.gguf", QUANT_MIX_SPEC, tensors)
+    checkpoint = open_checkpoint(path, keep_quantized=True)
+    o, q = (f"decoder.layers.0.self_attn.{p}_proj.weight" for p in "oq")  # Q4_0 and Q4_K in the file
+    cuts = {name: Cut(1, 128, 256, (256, 256)) for name in (o, q)}
+    view = ShardedCheckpoint(checkpoint.path, checkpoint.config, checkpoint.source, cuts)
+    sharded, full = dict(view.tensors()), dict(checkpoint.tensors())
+    assert isinstance(sharded[o], QuantizedTensor) and sharded[o].blocks.is_contiguous()
+    assert torch.equal(sharded[o].dequantize(f32), full[o].dequantize(f32)[:, 128:])
+    assert type(sharded[q]) is torch.Tensor and torch.equal(sharded[q], full[q].dequantize(f32)[:, 128:])
 
 
 def test_a_mixed_type_gguf_loads_quantized_and_computes_what_its_dequantized_load_does(
@@ -226,7 +262,7 @@ def test_quantization_at_load_turns_a_float_checkpoints_projections_into_blocks(
 def test_quantization_is_refused_where_the_kernels_do_not_run(tiny_mistral: Path) -> None:
     with pytest.raises(LevanteError, match="--quantization runs on Levante's CPU kernels"):
         load_model(tiny_mistral, dtype="float16", progress=False, quantization="int8")
-    for bad in ("int3", "int4-g48", "int8-g64", "int4-gx"):
+    for bad in ("int3", "int4-g48", "int8-g64", "int4-gx", "int4-g", "int4-"):
         with pytest.raises(LevanteError, match=f"must be int8, int4 or int4-g<group> .*not '{bad}'"):
             quantizer(bad)
     # the tiny model's hidden size is 64: groups of 128 do not divide the rows of the projections from it

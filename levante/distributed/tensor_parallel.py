@@ -150,14 +150,13 @@ class ShardedCheckpoint(Checkpoint):
                         f"{entry.file}: tensor {entry.source!r} has shape {tuple(entry.tensor.shape)}, "
                         f"the model expects {cut.full}"
                     )
-                tensor = entry.tensor
-                if isinstance(tensor, QuantizedTensor):
-                    try:
-                        tensor.narrow(cut.dim, cut.start, cut.stop - cut.start)
-                    except ValueError:
-                        tensor = tensor.dequantize(torch.float32)
-                sliced = tensor.narrow(cut.dim, cut.start, cut.stop - cut.start).clone()
-                entry = replace(entry, name=cut.target or entry.name, tensor=sliced)
+                tensor, length = entry.tensor, cut.stop - cut.start
+                try:
+                    sliced = tensor.narrow(cut.dim, cut.start, length)
+                except ValueError:  # quantized, and the cut falls inside its blocks
+                    assert isinstance(tensor, QuantizedTensor)
+                    sliced = tensor.dequantize(torch.float32).narrow(cut.dim, cut.start, length)
+                entry = replace(entry, name=cut.target or entry.name, tensor=sliced.clone())
             yield entry
 
 

@@ -5,9 +5,8 @@ The build is keyed by the instruction set it targets, so a cache shared between 
 hands one CPU another's code: the machine's own (`-march=native`, keyed by its CPU flags), or a
 narrower one forced the way ATen and oneDNN are forced (`ATEN_CPU_CAPABILITY=avx2|default`,
 `ONEDNN_MAX_CPU_ISA=AVX512_CORE` for AVX-512 without BF16, `AVX512_CORE_BF16` without AMX), which
-is how the test suite runs
-every ISA's code path on one machine. Where no compiler is there, the engine falls back to
-library kernels (and is then not batch-invariant)."""
+is how the test suite runs every ISA's code path on one machine. Where no compiler is there, the
+engine falls back to library kernels (and is then not batch-invariant)."""
 
 from __future__ import annotations
 

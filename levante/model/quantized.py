@@ -19,7 +19,8 @@ from torch import nn
 from levante import kernels
 from levante.errors import LevanteError
 
-# ggml type id -> (weights per block, bytes per block): the types the kernels decode
+# ggml type id -> (weights per block, bytes per block): the types the kernels decode, and
+# Levante's own int4 groups of 64 and 128 (see INT4_GROUPS)
 BLOCKS: dict[int, tuple[int, int]] = {
     2: (32, 18),
     3: (32, 20),
@@ -27,6 +28,8 @@ BLOCKS: dict[int, tuple[int, int]] = {
     12: (256, 144),
     13: (256, 176),
     14: (256, 210),
+    1064: (64, 36),
+    1128: (128, 68),
 }
 
 
@@ -61,7 +64,8 @@ class QuantizedTensor:
         return replace(self, blocks=self.blocks[:, first : first + count], cols=length)
 
     def clone(self) -> QuantizedTensor:
-        return replace(self, blocks=self.blocks.contiguous().clone())
+        """A dense copy (the kernels read dense blocks; a column slice is not)."""
+        return replace(self, blocks=self.blocks.clone(memory_format=torch.contiguous_format))
 
 
 class QuantLinear(nn.Module):
@@ -114,7 +118,6 @@ class QuantEmbedding(nn.Module):
 # `--quantization int4` groups: 32 is GGUF's Q4_1; 64 and 128 are Levante's own widening of it
 # (csrc/quant.cpp), which llama.cpp cannot read but which saves the scale bytes
 INT4_GROUPS: dict[int, int] = {32: 3, 64: 1064, 128: 1128}
-BLOCKS.update({1064: (64, 36), 1128: (128, 68)})
 
 
 def scheme_types(scheme: str) -> tuple[int, int]:
@@ -124,9 +127,11 @@ def scheme_types(scheme: str) -> tuple[int, int]:
     int8 = int(GGMLQuantizationType.Q8_0)
     if scheme == "int8":
         return int8, int8
+    if scheme == "int4":
+        return INT4_GROUPS[32], int8
     name, _, group = scheme.partition("-g")
-    if name == "int4" and (not group or (group.isdigit() and int(group) in INT4_GROUPS)):
-        return INT4_GROUPS[int(group or 32)], int8
+    if name == "int4" and group.isdigit() and int(group) in INT4_GROUPS:
+        return INT4_GROUPS[int(group)], int8
     raise LevanteError(
         f"quantization must be int8, int4 or int4-g<group> with a group of "
         f"{', '.join(map(str, INT4_GROUPS))}, not {scheme!r}"

@@ -192,8 +192,6 @@ def _with_mmproj(path: Path, mmproj: Path, keep_quantized: bool) -> Checkpoint:
         raise CheckpointError(f"--mmproj {mmproj}: no such file")
     text = GGUFFile(path, keep_quantized)
     vision = GGUFFile(mmproj, keep_quantized, model=False)
-    if text.config.vision is not None:
-        raise CheckpointError(f"{path}: already has a vision tower")
     config = with_mmproj(text.config, vision.metadata, set(vision.names()), str(mmproj))
     tokens = text.metadata.get("tokenizer.ggml.tokens") or []
     if "[IMG]" in tokens:  # the image placeholder's id in this vocabulary (10 in Mistral's)

@@ -21,10 +21,10 @@ from levante.errors import CheckpointError
 from levante.model.quantized import BLOCKS, QuantizedTensor
 
 _T = GGMLQuantizationType
-# The types the tests check against gguf's reference dequantization; others fail up front.
 # What llama.cpp's files hold that Levante has elsewhere: the mmproj's copy of the [IMG_BREAK]
 # embedding (the text model's own row is used)
 UNUSED = frozenset({"v.token_embd.img_break", "v.token_embd.img_break.weight"})
+# The types the tests check against gguf's reference dequantization; others fail up front.
 SUPPORTED_TYPES = frozenset({_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q4_K, _T.Q5_K, _T.Q6_K})
 
 
@@ -36,7 +36,7 @@ class GGUFContents:
 
 def read_gguf(path: Path) -> GGUFContents:
     """Parsing a GGUF file takes seconds (most of it the vocabulary), and the weights and the
-    tokenizer both need it: the last two files parsed are kept, keyed by its size and mtime. Raises
+    tokenizer both need it: the last two files parsed are kept, keyed by their size and mtime. Raises
     what gguf raises on a bad file (OSError, ValueError, IndexError, KeyError)."""
     stat = path.stat()
     return _parse(path.resolve(), stat.st_mtime_ns, stat.st_size)
@@ -91,7 +91,7 @@ class GGUFFile:
 
     def __iter__(self) -> Iterator[tuple[str, Path, torch.Tensor | QuantizedTensor]]:
         """(name in the file, file, tensor in PyTorch's row-major shape): float32, or the file's own
-        blocks (copied out of the mapping) for a matrix of a type the kernels read."""
+        blocks (a view of the mapping, see `_mapped`) for a matrix of a type the kernels read."""
         for t in self._tensors:
             if t.name in UNUSED:
                 continue
