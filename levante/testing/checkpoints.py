@@ -371,6 +371,11 @@ def write_gguf(path: Path, spec: TinySpec, tensors: GGUFTensors) -> Path:
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     writer.add_vocab_size(spec.vocab_size)
+    return _write(writer, tensors, path)
+
+
+def _write(writer: GGUFWriter, tensors: GGUFTensors, path: Path) -> Path:
+    """The tensors after the metadata already added, and the file closed."""
     for name, (data, qtype) in tensors.items():
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -434,17 +439,10 @@ def write_mmproj(
     writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
     writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
     vision = ("vision.", "projector.")
-    for name, (data, qtype) in _llama_cpp_tensors(
-        weights, spec, matrix_type, vision, _MMPROJ_FIXED, "v.blk", _MMPROJ_LAYER
-    ).items():
-        writer.add_tensor(name, data, raw_dtype=qtype)
+    tensors = _llama_cpp_tensors(weights, spec, matrix_type, vision, _MMPROJ_FIXED, "v.blk", _MMPROJ_LAYER)
     if img_break is not None:
-        writer.add_tensor("v.token_embd.img_break", img_break.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        tensors["v.token_embd.img_break"] = (img_break.float().numpy(), GGMLQuantizationType.F32)
+    return _write(writer, tensors, path)
 
 
 # Byte offsets of each block's float16 scale fields (ggml's block layouts); filled with sane
