@@ -6,7 +6,8 @@ gives them (Q4_K; Q6_K for the output and for attn_v and ffn_down on the layers 
 `use_more_bits` picks), filled with random valid blocks written directly, tensor by tensor (no
 float pass; the weights are noise, so answers are too). The vocabulary is the demo model's
 byte-level BPE padded to 131072 entries. Then, each in its own process: Levante loads it (time,
-peak RSS, resident weights), answers a chat, prefills a prompt and decodes single-stream; and
+peak RSS, resident weights), answers a chat, prefills a prompt, decodes single-stream and admits
+a 32K-token prompt into an fp8 KV cache sized for it; and
 llama.cpp's `llama-bench` runs the same file when given. The file is deleted afterwards.
 
     python benchmarks/scale.py --llama-bench ~/.cache/levante-bench/build/bin/llama-bench
@@ -120,8 +121,11 @@ def rss_now() -> int:
     return 0
 
 
-def levante(path: Path, prompt_len: int, decode: int) -> dict[str, object]:
-    """Runs in its own process (`--levante-child`), so its peak RSS is its own."""
+def levante(path: Path, prompt_len: int, decode: int, long_prompt: int, long_steps: int) -> dict[str, object]:
+    """Runs in its own process (`--levante-child`), so its peak RSS is its own. The KV cache is fp8
+    and sized for `long_prompt` tokens, which the last run admits and prefills for `long_steps`
+    steps (chunks of 1024 tokens) before aborting it: the whole prompt fits, and the peak RSS says
+    at what cost; prefilling all of it would take hours here."""
     import torch
 
     from levante.engine import Engine, EngineConfig, SamplingParams
@@ -134,9 +138,14 @@ def levante(path: Path, prompt_len: int, decode: int) -> dict[str, object]:
     model = loaded.model
     weights = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-    engine = Engine(
-        model, loaded.tokenizer, EngineConfig(kv_cache_memory=1.0, max_num_seqs=1, max_model_len=4096)
+    per_token = 2 * model.config.text.num_layers * model.config.text.num_kv_heads * model.config.text.head_dim
+    config = EngineConfig(
+        kv_cache_memory=(long_prompt + 64) * per_token / 2**30,  # fp8: one byte per value
+        max_num_seqs=1,
+        max_model_len=long_prompt + 64,
+        kv_cache_dtype="fp8",
     )
+    engine = Engine(model, loaded.tokenizer, config)
 
     def run(prompt: list[int], tokens: int) -> tuple[float, list[int]]:
         engine.add_request(
@@ -160,6 +169,13 @@ def levante(path: Path, prompt_len: int, decode: int) -> dict[str, object]:
     run(prompt, 1)
     prefill_s = time.perf_counter() - t0
     decode_s, _ = run(prompt[:16], decode + 1)  # time after the first token: decode steps only
+    long = torch.randint(1000, 40000, (long_prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.add_request("long", PromptInputs(long), SamplingParams(temperature=0, max_tokens=1))
+    t0 = time.perf_counter()
+    for _ in range(long_steps):
+        engine.step()
+    long_s = time.perf_counter() - t0
+    engine.abort("long")
     return {
         "load_s": round(load_s, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -169,6 +185,8 @@ def levante(path: Path, prompt_len: int, decode: int) -> dict[str, object]:
         "chat_tokens": answer,
         "prefill_tok_s": round(prompt_len / prefill_s, 2),
         "decode_tok_s": round(decode / decode_s, 3),
+        "long_prompt_admitted": long_prompt,
+        "long_prompt_tok_s_first_steps": round(long_steps * config.max_num_batched_tokens / long_s, 2),
     }
 
 
@@ -177,12 +195,16 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=8)
+    ap.add_argument("--long-prompt", type=int, default=32768, help="tokens the fp8 KV cache is sized for")
+    ap.add_argument("--long-steps", type=int, default=2, help="prefill steps run on the long prompt")
     ap.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary, run on the same file")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF file")
     ap.add_argument("--levante-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.levante_child:
-        print(json.dumps(levante(args.levante_child, args.prompt_len, args.decode_tokens)))
+        a = args
+        result = levante(a.levante_child, a.prompt_len, a.decode_tokens, a.long_prompt, a.long_steps)
+        print(json.dumps(result))
         return
     path = args.dir / "mistral-small-3.2-shapes-Q4_K_M.gguf"
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
@@ -194,7 +216,8 @@ def main() -> None:
             flush=True,
         )
         child = [sys.executable, __file__, "--levante-child", str(path), "--prompt-len", str(args.prompt_len)]
-        child += ["--decode-tokens", str(args.decode_tokens)]
+        child += ["--decode-tokens", str(args.decode_tokens), "--long-prompt", str(args.long_prompt)]
+        child += ["--long-steps", str(args.long_steps)]
         done = subprocess.run(child, capture_output=True, text=True)
         print("levante:", done.stdout.strip() or done.stderr[-3000:], flush=True)
         if args.llama_bench:

@@ -1,6 +1,7 @@
 """GGUF weights kept quantized: the kernels against gguf's reference dequantization and against the
-dense kernel on the dequantized weight (the stated bound is zero: the same bits), a mixed-type
-checkpoint and the demo model against their dequantize-at-load selves, and bad input."""
+integer arithmetic they implement (x rounded to int8 per 32 values, as llama.cpp does), with the
+error that rounding costs against float; a mixed-type checkpoint and the demo model against their
+dequantize-at-load selves, and bad input."""
 
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ def test_int4_groups_of_32_are_gguf_q4_1_byte_for_byte() -> None:
 
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wider_int4_groups_compute_what_their_dequantized_weights_do(group: int, dtype: torch.dtype) -> None:
+def test_wider_int4_groups_decode_to_their_levels_and_multiply_as_gguf_types_do(
+    group: int, dtype: torch.dtype
+) -> None:
     rng = np.random.default_rng(group)
     n, k = 75, 512
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -82,37 +85,54 @@ def test_wider_int4_groups_compute_what_their_dequantized_weights_do(group: int,
     slack = np.abs(groups.min(-1)) * 2**-10 + 15 * step * 2**-10
     assert (np.abs(expected.reshape(-1, group) - groups).max(-1) <= step / 2 + slack).all()
     reference = torch.from_numpy(expected).to(dtype)
-    _assert_the_dense_kernels_bits(torch.from_numpy(raw), INT4_GROUPS[group], reference)
+    _assert_matmul(torch.from_numpy(raw), INT4_GROUPS[group], reference)
 
 
-def _assert_the_dense_kernels_bits(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) -> None:
-    """The blocks dequantize to `reference` (in its dtype), and their matmul gives the dense kernel's
-    bits on it for every row count from one to past two AMX tile pairs, and alone or stacked with
-    rows of another type (as merged projections are)."""
+def _integer_reference(x: torch.Tensor, weight: np.ndarray) -> np.ndarray:
+    """What the kernel computes, in float64: x rounded per 32 values to int8 (scale amax/127 in
+    float32, round half to even: llama.cpp's Q8_0 with a float32 scale) times the exact weights."""
+    chunks = x.float().numpy().reshape(x.shape[0], -1, 32)
+    d = np.abs(chunks).max(-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.clip(np.rint(chunks * inverse), -127, 127)
+    return (q * d).reshape(x.shape).astype(np.float64) @ weight.astype(np.float64).T
+
+
+def _assert_matmul(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) -> None:
+    """The blocks dequantize to `reference` (in its dtype, bit for bit); their matmul is x rounded
+    to int8 times the exact weights (float32 accumulation, and the output dtype's rounding), within
+    0.9% of x·wᵀ in float (x's rounding: measured 0.5–0.6% of the norm), and a row's bits do not
+    depend on the other rows (one to past four row tiles), nor on rows of another type stacked below."""
     n, k = reference.shape
     assert torch.equal(kernels.dequantize(blocks, qtype, k, reference.dtype), reference)
+    exact = kernels.dequantize(blocks, qtype, k, torch.float32).double().numpy()
     x = torch.randn(70, k, generator=torch.Generator().manual_seed(1)).to(reference.dtype)
     full = kernels.quant_linear(x, [blocks], [qtype], k)
-    assert torch.equal(full, kernels.linear(x, kernels.pack(reference), n))
+    want = _integer_reference(x, exact)
+    output_rounding = 2**-8 if reference.dtype == torch.bfloat16 else 2**-20
+    got = full.double().numpy()
+    assert np.allclose(got, want, rtol=output_rounding, atol=output_rounding * np.abs(want).max())
+    dense = x.double().numpy() @ exact.T
+    assert np.linalg.norm(got - dense) < 0.009 * np.linalg.norm(dense)
     for m in (1, 2, 5, 16, 17, 33):
         assert torch.equal(kernels.quant_linear(x[-m:], [blocks], [qtype], k), full[-m:]), m
     other = random_blocks(Q.Q8_0, (40, k), np.random.default_rng(0))
     stacked = kernels.quant_linear(x, [blocks, torch.from_numpy(other)], [qtype, int(Q.Q8_0)], k)
     assert torch.equal(stacked[:, :n], full)
-    second = torch.from_numpy(dequantize(other, Q.Q8_0).reshape(40, k).copy()).to(reference.dtype)
-    assert torch.equal(stacked[:, n:], kernels.linear(x, kernels.pack(second), 40))
+    assert torch.equal(stacked[:, n:], kernels.quant_linear(x, [torch.from_numpy(other)], [int(Q.Q8_0)], k))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_quantized_matmul_is_the_dense_kernel_on_gguf_dequantized_weights(
+def test_quantized_matmul_is_int8_x_times_gguf_dequantized_weights(
     qtype: GGMLQuantizationType, dtype: torch.dtype
 ) -> None:
     """N = 75: not a multiple of any tile."""
     n, k = 75, 512
     raw = random_blocks(qtype, (n, k), np.random.default_rng(int(qtype)))
     reference = torch.from_numpy(dequantize(raw, qtype).reshape(n, k).copy()).to(dtype)
-    _assert_the_dense_kernels_bits(torch.from_numpy(raw), int(qtype), reference)
+    _assert_matmul(torch.from_numpy(raw), int(qtype), reference)
 
 
 def test_a_quantized_tensor_narrows_to_whole_blocks_and_a_rank_dequantizes_a_cut_through_them(
@@ -146,7 +166,7 @@ def test_a_quantized_tensor_narrows_to_whole_blocks_and_a_rank_dequantizes_a_cut
     assert type(sharded[q]) is torch.Tensor and torch.equal(sharded[q], full[q].dequantize(f32)[:, 128:])
 
 
-def test_a_mixed_type_gguf_loads_quantized_and_computes_what_its_dequantized_load_does(
+def test_a_mixed_type_gguf_loads_quantized_and_computes_close_to_its_dequantized_load(
     tmp_path: Path,
 ) -> None:
     _, tensors = quant_mix_tensors()
@@ -163,8 +183,9 @@ def test_a_mixed_type_gguf_loads_quantized_and_computes_what_its_dequantized_loa
         assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in dense.modules())
         for model in (quantized, dense):
             assert use_linear_kernels(model, batch_invariant=True)
-        hidden = [_forward(m, ids) for m in (quantized, dense)]
-        assert torch.equal(hidden[0], hidden[1]), dtype
+        got, want = (_forward(m, ids) for m in (quantized, dense))
+        # measured: 0.8% (float32) and 1.0% (bfloat16) of the logits' norm: x's rounding to 8 bits
+        assert float((got - want).norm()) < 0.02 * float(want.norm()), dtype
 
 
 def _forward(model: Model, ids: torch.Tensor) -> torch.Tensor:
@@ -177,7 +198,9 @@ def _forward(model: Model, ids: torch.Tensor) -> torch.Tensor:
         return model.logits(model(ids, torch.arange(len(ids)), attention))
 
 
-def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_with_the_same_bits() -> None:
+def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_as_its_dequantized_self() -> None:
+    """Greedy first tokens of 8 chats equal, their logprobs within 0.5 (measured: at most 0.28;
+    later tokens part where the two are near a tie, see benchmarks/RESULTS.md)."""
     quantized = load(demo_model_path(), dtype="bfloat16", progress=False)
     dense = load(demo_model_path(), dtype="bfloat16", progress=False, quantized=False)
     decoder = quantized.model.decoder
@@ -188,12 +211,14 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_with_the_same
     dense_bytes = sum(p.numel() * p.element_size() for p in dense.model.parameters())
     assert weight_bytes < 0.4 * dense_bytes, (weight_bytes, dense_bytes)
 
-    inputs = prompts(quantized, images=False)[:8]
+    inputs = prompts(quantized, images=False)
     answers = []
     for loaded in (quantized, dense):
-        engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_memory=0.05, max_num_seqs=8))
-        answers.append(run(engine, inputs, together=True))
-    assert answers[0] == answers[1]
+        engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_memory=0.05, max_num_seqs=16))
+        answers.append(run(engine, inputs, together=True)[::2])  # the greedy ones
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(*answers, strict=True):
+        assert tokens[0] == want_tokens[0]
+        assert abs(logprobs[0][0] - want_logprobs[0][0]) < 0.5
 
 
 @pytest.mark.parametrize(

@@ -89,12 +89,19 @@ def tp2(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return torch.load(out)
 
 
-def assert_same(tp1: dict, tp2: dict) -> None:
+def assert_same(tp1: dict, tp2: dict, quantized: bool = False) -> None:
+    """The same greedy tokens, and logits within 1e-4 — or, on quantized weights, within 10% of
+    their norm (measured: up to 6.6% on the demo model): there the ranks' partial sums differ from
+    one sum in the last bits, which flips the rounding of a few activations to int8 (a step of
+    1/127 of their chunk's largest value), and those steps flip more roundings layer after layer."""
     assert tp2["tokens"] == tp1["tokens"]
     assert len(tp2["logits"]) == len(tp1["logits"]) >= GREEDY.max_tokens
     for a, b in zip(tp1["logits"], tp2["logits"], strict=True):
         assert a.shape == b.shape
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+        if quantized:
+            assert (b - a).norm() < 0.1 * a.norm()
+        else:
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
 def test_tp2_equals_tp1_on_tiny_mistral3_with_an_image(tiny_tp1: LLM, tp2: dict[str, dict]) -> None:
@@ -106,14 +113,14 @@ def test_tp2_equals_tp1_on_the_demo_model_its_gguf_blocks_sliced_between_the_ran
 ) -> None:
     tp1 = probe(demo_tp1, with_image=False)
     assert tp1["quantized"] == tp2["demo"]["quantized"] == 4 * len(demo_tp1.engine.model.decoder.layers)
-    assert_same(tp1, tp2["demo"])
+    assert_same(tp1, tp2["demo"], quantized=True)
 
 
 def test_tp2_equals_tp1_with_int8_quantization_at_load(tiny_int8_tp1: LLM, tp2: dict[str, dict]) -> None:
     tp1 = probe(tiny_int8_tp1, with_image=True)
     layers = len(tiny_int8_tp1.engine.model.decoder.layers)
     assert tp1["quantized"] == tp2["tiny-int8"]["quantized"] == 4 * layers
-    assert_same(tp1, tp2["tiny-int8"])
+    assert_same(tp1, tp2["tiny-int8"], quantized=True)
 
 
 def shards(llm: LLM, world: int) -> tuple[dict[str, torch.Size], list[dict[str, torch.Size]]]:

@@ -250,6 +250,7 @@ class WorkerSpec:
     engine: EngineConfig
     quantization: str | None = None
     mmproj: str | None = None
+    quantized: bool = True  # GGUF blocks kept as they are (False: dequantized at load)
 
 
 class _Group:
@@ -365,6 +366,7 @@ def _follow(spec: WorkerSpec) -> None:
         progress=False,
         quantization=spec.quantization,
         mmproj=spec.mmproj,
+        quantized=spec.quantized,
     )
     runner = build_runner(model, spec.engine)
     while True:

@@ -67,12 +67,14 @@ class LLM:
         quantization: str | None = None,
         mmproj: str | Path | None = None,
         tokenizer: str | Path | None = None,
+        quantized: bool = True,
     ) -> None:
         """`tensor_parallel_size` > 1 shards the model over that many processes: this one (rank 0)
-        and workers it spawns (or torchrun's, which never return from here)."""
+        and workers it spawns (or torchrun's, which never return from here). `quantized=False`
+        dequantizes a GGUF's blocks at load: float numbers, at two to four times the memory."""
         engine = engine or EngineConfig()
         name, vision = (None if p is None else str(p) for p in (model, mmproj))
-        spec = tensor_parallel.WorkerSpec(name, dtype, device, engine, quantization, vision)
+        spec = tensor_parallel.WorkerSpec(name, dtype, device, engine, quantization, vision, quantized)
         tensor_parallel.start(tensor_parallel_size, spec)
         loaded = load(
             model,
@@ -80,6 +82,7 @@ class LLM:
             device=device,
             progress=False,
             quantization=quantization,
+            quantized=quantized,
             mmproj=mmproj,
             tokenizer=tokenizer,
         )

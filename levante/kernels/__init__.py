@@ -98,8 +98,8 @@ def quant_linear(
     x: torch.Tensor, blocks: list[torch.Tensor], qtypes: list[int], in_features: int
 ) -> torch.Tensor:
     """x·wᵀ where w [N, in_features] is the rows of `blocks` stacked, each GGUF blocks of its ggml
-    type in `qtypes` ([rows, bytes per row] uint8): the same bits `linear` gives on w dequantized
-    to x's dtype (see csrc/quant.cpp)."""
+    type in `qtypes` ([rows, bytes per row] uint8), by integer dot products with x rounded to int8
+    per 32 values (llama.cpp's arithmetic; see csrc/quant.cpp): a row's bits depend on it alone."""
     return torch.ops.levante.quant_linear(x, blocks, qtypes, in_features)
 
 

@@ -1,14 +1,23 @@
-// y = x·wᵀ over GGUF-quantized weights kept as the file stores them (llama.cpp's block formats).
+// y = x·wᵀ over GGUF-quantized weights kept as the file stores them (llama.cpp's block formats),
+// by integer dot products, as llama.cpp computes them.
 //
-// Each thread dequantizes a group of output rows into the compute dtype, exactly as gguf's
-// reference dequantizer and a cast would (one rounding per weight: every product below is exact
-// in float32), then runs the dense kernel's tiles over it for every row of x. So a quantized
-// layer gives the same bits as its dequantized copy would through `levante::linear`, and is
-// batch-invariant for the same reason; what it saves is memory and the bytes read per token.
+// Each row of x is rounded per 32 values to int8 with a float32 scale (llama.cpp's Q8_0, its scale
+// kept in float32). Every weight chunk of 32 is, whatever its type, w_l = D·sc_h·(c_l − o) + Mn
+// with unsigned 8-bit codes c, an integer scale sc_h per half (Q6_K's 16-weight sub-blocks; 1
+// elsewhere) and an integer offset o. The integer part of a chunk's dot product is then exact, in
+// any order and on any instruction set, and the float part is the same operations for every
+// output element, chunk after chunk in increasing k:
+//     acc = fma(float(Σ_h sc_h·(Σ c·xq − o·Σ xq)), D·dx, acc);  acc = fma(Mn, dx·Σ xq, acc)
+// So a row's result depends on that row alone (batch-invariant), and a weight costs a few integer
+// instructions instead of a conversion to floating point and a float product. The price is x's
+// rounding, llama.cpp's own (about 0.5% of an output's norm; the tests bound it). Embedding
+// lookups (`dequantize`) decode blocks exactly as gguf's reference dequantizer does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <memory>
 
 #include "gemm.h"
 
@@ -241,111 +250,493 @@ struct Weights {
   };
   std::vector<Part> parts;
 
-  template <typename T>
-  void dequantize(int64_t n, T* y, int64_t K) const {
+  // The part that holds stacked row n, and n's row within it.
+  std::pair<const Part*, int64_t> locate(int64_t n) const {
     for (const Part& p : parts) {
-      if (n < p.rows) return dequantize_row(p.type, p.data + n * p.row_bytes, y, K);
+      if (n < p.rows) return {&p, n};
       n -= p.rows;
     }
+    TORCH_CHECK(false, "levante: row ", n, " past the weights");
+  }
+
+  template <typename T>
+  void dequantize(int64_t n, T* y, int64_t K) const {
+    const auto [part, row] = locate(n);
+    dequantize_row(part->type, part->data + row * part->row_bytes, y, K);
   }
 };
 
-template <typename T>
-void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N, int64_t K) {
-  constexpr int64_t NB = 16;  // output rows dequantized together: a few KiB to a few hundred, in cache
-  at::parallel_for(0, (N + NB - 1) / NB, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> buf(NB * K);
-    for (int64_t g = first; g < last; ++g) {
-      const int64_t n0 = g * NB, rows = std::min(NB, N - n0);
-      for (int64_t r = 0; r < rows; ++r) w.dequantize(n0 + r, buf.data() + r * K, K);
-      for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        const int64_t m1 = std::min(M, m0 + MC);
-        for (int64_t n = n0; n < n0 + rows; n += NR)
-          for (int64_t m = m0; m < m1; m += MR)
-            any_tile(std::min<int64_t>(MR, m1 - m), std::min<int64_t>(NR, n0 + rows - n), x + m * ldx, ldx,
-                     buf.data() + (n - n0) * K, K, y + m * N + n, N, K);
+struct Chunk {  // one 32-weight chunk of a weight row: w_l = D·sc[l / 16]·(c_l − o) + Mn
+  float D, Mn;
+  int32_t sc[2], o;
+};
+
+// One block of a weight row → its codes (`elements` bytes) and one Chunk per 32 weights.
+void unpack(int64_t type, const uint8_t* b, uint8_t* c, Chunk* p) {
+  switch (type) {
+    case Q4_0:
+    case Q8_0: {
+      const bool q8 = type == Q8_0;
+      for (int l = 0; l < (q8 ? 32 : 16); ++l) {
+        if (q8) {
+          c[l] = b[2 + l] ^ 0x80;  // int8 q as q + 128
+        } else {
+          c[l] = b[2 + l] & 15, c[l + 16] = b[2 + l] >> 4;
+        }
       }
+      *p = {half(b), 0.f, {1, 1}, q8 ? 128 : 8};
+      return;
     }
-  });
+    case Q4_1:
+    case Q4_1_G64:
+    case Q4_1_G128: {
+      const float d = half(b), m = half(b + 2);
+      for (int64_t k = 0; k < format(type).elements / 32; ++k, c += 32) {
+        const uint8_t* q = b + 4 + 16 * k;
+        for (int l = 0; l < 16; ++l) c[l] = q[l] & 15, c[l + 16] = q[l] >> 4;
+        p[k] = {d, m, {1, 1}, 0};
+      }
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const float d = half(b), dmin = half(b + 2);
+      const uint8_t *scales = b + 4, *qh = b + 16, *qs = type == Q4_K ? b + 16 : b + 48;
+      for (int j = 0; j < 8; ++j) {
+        float sc, m;
+        scale_min(scales, j, sc, m);
+        p[j] = {d * sc, -(dmin * m), {1, 1}, 0};  // both products exact: as `decode` forms them
+        const uint8_t* q = qs + (j / 2) * 32;
+        const int shift = (j % 2) * 4;
+        for (int l = 0; l < 32; ++l)
+          c[j * 32 + l] = ((q[l] >> shift) & 15) | (type == Q5_K ? ((qh[l] >> j) & 1) << 4 : 0);
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t *ql = b, *qh = b + 128;
+      const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = half(b + 208);
+      for (int k = 0; k < 8; ++k) {
+        const int h = k / 4, r = k % 4;
+        const uint8_t* lo = ql + h * 64 + (r % 2) * 32;
+        const uint8_t* hi = qh + h * 32;
+        for (int l = 0; l < 32; ++l) c[k * 32 + l] = ((lo[l] >> (r / 2 * 4)) & 15) | (((hi[l] >> (2 * r)) & 3) << 4);
+        p[k] = {d, 0.f, {scales[2 * k], scales[2 * k + 1]}, 32};
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
+  }
 }
 
-#ifdef LEVANTE_AMX
-// On AMX the dequantized weights are the A operand, rows as they come (yᵀ = W·xᵀ), and x is
-// packed once into VNNI B tiles [tiles of 16 rows][kb][16 k-pairs][16 rows][2]: no transpose of
-// the weights per call. TDPBF16PS still multiplies the same pairs in the same order for every
-// output element as with the weights as B (pack_linear), so the bits are the dense kernel's.
-std::vector<c10::BFloat16> vnni_rows(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, int64_t kb) {
-  const int64_t mb = (M + kTile - 1) / kTile;
-  std::vector<c10::BFloat16> out(mb * kb * kTile * kTileK, c10::BFloat16(0.f));
-  // the 16 k-pairs of row m in one 32-wide step are one vector of 32-bit words: they go down
-  // column m % 16 of that step's tile
-  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32(kTile));
-  auto* words = reinterpret_cast<int*>(out.data());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < kb; ++k)
-      _mm512_i32scatter_epi32(words + ((m / kTile) * kb + k) * kTile * kTile + m % kTile, down,
-                              _mm512_loadu_si512(x + m * ldx + k * kTileK), 4);
+// x quantized: q [M, K] int8; per row and chunk of 32 the scale d, the sums of q over each half
+// (h), and s = d·Σq (the min term's factor).
+struct QuantizedX {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> h;
+};
+
+template <typename T>
+QuantizedX quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
+  const int64_t chunks = K / 32;
+  QuantizedX out{std::vector<int8_t>(M * K), std::vector<float>(M * chunks), std::vector<float>(M * chunks),
+                 std::vector<int32_t>(M * chunks * 2)};
+  at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
+    float v[32];
+    for (int64_t m = first; m < last; ++m)
+      for (int64_t b = 0; b < chunks; ++b) {
+        float amax = 0.f;
+        for (int l = 0; l < 32; ++l) v[l] = static_cast<float>(x[m * ldx + b * 32 + l]), amax = std::max(amax, std::abs(v[l]));
+        const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+        int8_t* q = out.q.data() + m * K + b * 32;
+        int32_t sums[2] = {0, 0};
+        for (int l = 0; l < 32; ++l) {
+          q[l] = static_cast<int8_t>(std::clamp(std::nearbyint(v[l] * id), -127.f, 127.f));
+          sums[l / 16] += q[l];
+        }
+        const int64_t i = m * chunks + b;
+        out.d[i] = d, out.s[i] = d * static_cast<float>(sums[0] + sums[1]);
+        out.h[2 * i] = sums[0], out.h[2 * i + 1] = sums[1];
+      }
+  });
   return out;
 }
 
-void qgemm_amx(const c10::BFloat16* x, int64_t ldx, const Weights& w, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t kb = K / kTileK, mb = (M + kTile - 1) / kTile;  // K: whole blocks, so whole tiles
-  const std::vector<c10::BFloat16> xv = vnni_rows(x, ldx, M, K, kb);
-  const int64_t a_stride = K * sizeof(c10::BFloat16), x_tile = kb * kTile * kTileK;
-  at::parallel_for(0, (N + kBlockN - 1) / kBlockN, 1, [&](int64_t first, int64_t last) {
-    amx_configure();
-    std::vector<c10::BFloat16> rows(kBlockN * K, c10::BFloat16(0.f));
-    alignas(64) float c[kTile][kTile];
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t n0 = b * kBlockN, count = std::min(kBlockN, N - n0);
-      for (int64_t r = 0; r < count; ++r) w.dequantize(n0 + r, rows.data() + r * K, K);
-      if (count < kBlockN) std::fill(rows.begin() + count * K, rows.end(), c10::BFloat16(0.f));
-      auto store = [&](int64_t t, int64_t half) {  // c [16 outputs][16 rows of x] → y, transposed
-        const int64_t cols = std::min(kTile, N - n0 - half * kTile);
-        if (cols <= 0) return;
-        const __mmask16 mask = cols == kTile ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-        const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(kTile));
-        for (int64_t r = 0; r < std::min(kTile, M - t * kTile); ++r)
-          _mm256_mask_storeu_epi16(y + (t * kTile + r) * N + n0 + half * kTile, mask,
-                                   (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(column, &c[0][r], 4)));
-      };
-      for (int64_t t = 0; t < mb; t += 2) {
-        const bool pair = t + 1 < mb;
-        const c10::BFloat16* b0 = xv.data() + t * x_tile;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t k = 0; k < kb; ++k) {
-          _tile_loadd(4, rows.data() + k * kTileK, a_stride);
-          _tile_loadd(5, rows.data() + kTile * K + k * kTileK, a_stride);
-          _tile_loadd(6, b0 + k * kTile * kTileK, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 5, 6);
-          if (pair) {
-            _tile_loadd(7, b0 + x_tile + k * kTile * kTileK, 64);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
+constexpr int64_t kGroup = 16;  // weight rows unpacked together: one 64-byte line per 4 k
+
+// Vectors over the rows of a group (lane = weight row): 16 lanes with AVX512-VNNI, 8 with AVX2.
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+using iv = __m512i;
+using fv = __m512;
+constexpr int64_t kRowLanes = 16;
+inline iv iload(const void* p) { return _mm512_loadu_si512(p); }
+inline iv iset(int32_t v) { return _mm512_set1_epi32(v); }
+inline iv iadd(iv a, iv b) { return _mm512_add_epi32(a, b); }
+inline iv isub(iv a, iv b) { return _mm512_sub_epi32(a, b); }
+inline iv imul(iv a, iv b) { return _mm512_mullo_epi32(a, b); }
+inline iv izero() { return _mm512_setzero_si512(); }
+inline iv dpbusd(iv acc, iv codes, int32_t x4) { return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4)); }
+inline fv fload(const float* p) { return _mm512_loadu_ps(p); }
+inline fv fset(float v) { return _mm512_set1_ps(v); }
+inline fv fzero() { return _mm512_setzero_ps(); }
+inline fv tofloat(iv a) { return _mm512_cvtepi32_ps(a); }
+inline fv fmul(fv a, fv b) { return _mm512_mul_ps(a, b); }
+inline fv ffma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
+inline void fstore(float* p, fv v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using iv = __m256i;
+using fv = __m256;
+constexpr int64_t kRowLanes = 8;
+inline iv iload(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline iv iset(int32_t v) { return _mm256_set1_epi32(v); }
+inline iv iadd(iv a, iv b) { return _mm256_add_epi32(a, b); }
+inline iv isub(iv a, iv b) { return _mm256_sub_epi32(a, b); }
+inline iv imul(iv a, iv b) { return _mm256_mullo_epi32(a, b); }
+inline iv izero() { return _mm256_setzero_si256(); }
+inline iv dpbusd(iv acc, iv codes, int32_t x4) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, codes, _mm256_set1_epi32(x4));
+#else  // unsigned bytes 0, 2 and 1, 3 of each word as 16-bit, times x's bytes sign-extended: exact
+  const __m256i x = _mm256_set1_epi32(x4), mask = _mm256_set1_epi16(0xff);
+  const __m256i even = _mm256_madd_epi16(_mm256_and_si256(codes, mask), _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8));
+  const __m256i odd = _mm256_madd_epi16(_mm256_srli_epi16(codes, 8), _mm256_srai_epi16(x, 8));
+  return _mm256_add_epi32(acc, _mm256_add_epi32(even, odd));
+#endif
+}
+inline fv fload(const float* p) { return _mm256_loadu_ps(p); }
+inline fv fset(float v) { return _mm256_set1_ps(v); }
+inline fv fzero() { return _mm256_setzero_ps(); }
+inline fv tofloat(iv a) { return _mm256_cvtepi32_ps(a); }
+inline fv fmul(fv a, fv b) { return _mm256_mul_ps(a, b); }
+inline fv ffma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
+inline void fstore(float* p, fv v) { _mm256_storeu_ps(p, v); }
+#else
+using iv = int32_t;
+using fv = float;
+constexpr int64_t kRowLanes = 1;
+inline iv iload(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+inline iv iset(int32_t v) { return v; }
+inline iv iadd(iv a, iv b) { return a + b; }
+inline iv isub(iv a, iv b) { return a - b; }
+inline iv imul(iv a, iv b) { return a * b; }
+inline iv izero() { return 0; }
+inline iv dpbusd(iv acc, iv codes, int32_t x4) {
+  uint8_t c[4];
+  int8_t x[4];
+  std::memcpy(c, &codes, 4), std::memcpy(x, &x4, 4);
+  return acc + c[0] * x[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3];
+}
+inline fv fload(const float* p) { return *p; }
+inline fv fset(float v) { return v; }
+inline fv fzero() { return 0.f; }
+inline fv tofloat(iv a) { return static_cast<float>(a); }
+inline fv fmul(fv a, fv b) { return a * b; }
+inline fv ffma(fv a, fv b, fv c) { return __builtin_fmaf(a, b, c); }
+inline void fstore(float* p, fv v) { *p = v; }
+#endif
+constexpr int64_t kVectors = kGroup / kRowLanes;
+
+// A group of weight rows unpacked for the dot products: codes [K/4][16 rows][4 k] (each 4 k of
+// a row one 32-bit word, as VPDPBUSD reads them) and the chunks' parameters [K/32][16 rows].
+struct Group {
+  // uninitialized (every entry is written before it is read): a decode step allocates these per
+  // call and thread, where zeroing them would cost more than some of the matmuls
+  std::unique_ptr<uint8_t[]> codes;
+  std::unique_ptr<float[]> D, Mn;
+  std::unique_ptr<int32_t[]> sc0, sc1, o;
+  bool scales = false, offsets = false;  // whether any sc ≠ 1 / o ≠ 0 (otherwise skipped)
+
+  explicit Group(int64_t K)
+      : codes(new uint8_t[K * kGroup]), D(new float[K / 32 * kGroup]), Mn(new float[K / 32 * kGroup]),
+        sc0(new int32_t[K / 32 * kGroup]), sc1(new int32_t[K / 32 * kGroup]), o(new int32_t[K / 32 * kGroup]) {}
+};
+
+// rows [16][E] bytes at stride ld → out [E/4][16][4]: a transpose of 32-bit words.
+void interleave(const uint8_t* rows, int64_t ld, int64_t E, uint8_t* out) {
+  int64_t w = 0;
+#if defined(__AVX512F__)
+  for (; w + 16 <= E / 4; w += 16) {  // 16 words of each row at a time: a 16×16 transpose
+    __m512i r[16], a[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows + i * ld + w * 4);
+    for (int i = 0; i < 8; ++i)
+      a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]), a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) {  // r[4i + c], 128-bit lane L: rows 4i..4i+3 of word 4L + c
+      r[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+      r[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+      r[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+      r[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // lanes L of r[c], r[4 + c], r[8 + c], r[12 + c] → word 4L + c
+      const __m512i t0 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i t1 = _mm512_shuffle_i32x4(r[c], r[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+      const __m512i t2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512i t3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+      _mm512_storeu_si512(out + (w + c) * 64, _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0)));
+      _mm512_storeu_si512(out + (w + 4 + c) * 64, _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1)));
+      _mm512_storeu_si512(out + (w + 8 + c) * 64, _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0)));
+      _mm512_storeu_si512(out + (w + 12 + c) * 64, _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+  }
+#endif
+  for (; w < E / 4; ++w)
+    for (int i = 0; i < 16; ++i) std::memcpy(out + w * 64 + i * 4, rows + i * ld + w * 4, 4);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// The common types unpacked straight into the group's layout, a 32-bit word of 16 rows at a time
+// (one gather: lane r reads row r), with their parameters computed for 16 rows at once: the same
+// codes and the same float operations as `unpack`, without a pass over each row and a transpose.
+struct RowWords {
+  const uint8_t* base;
+  __m512i starts;  // each lane's row, in bytes from base
+  __m512i at(int64_t offset) const {
+    return _mm512_i32gather_epi32(_mm512_add_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(offset))), base, 1);
+  }
+};
+
+inline __m512i bits(__m512i w, int shift, int32_t mask) {
+  return _mm512_and_si512(_mm512_srli_epi32(w, shift), _mm512_set1_epi32(mask));
+}
+inline __m512 fp16_at(__m512i w, int shift) {  // the fp16 in bits [shift, shift + 16) of each word
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, shift)));
+}
+inline void put(uint8_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+
+bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_t K, Group& g) {
+  const int64_t type = part.type;
+  if (type != Q4_0 && type != Q4_1 && type != Q8_0 && type != Q4_K && type != Q6_K && type != Q4_1_G64 &&
+      type != Q4_1_G128)
+    return false;
+  __m512i starts = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    _mm512_set1_epi32(static_cast<int32_t>(rows - 1)));  // past N: the last row again
+  const RowWords w{part.data + first * part.row_bytes,
+                   _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))};
+  const Format f = format(type);
+  const int64_t blocks = K / f.elements;
+  const __m512i low4 = _mm512_set1_epi32(0x0f0f0f0f);
+  g.scales = type == Q6_K, g.offsets = type == Q4_0 || type == Q8_0 || type == Q6_K;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const int64_t at = kb * f.bytes, c0 = kb * f.elements / 32;  // the block's first byte and chunk
+    uint8_t* codes = g.codes.get() + kb * f.elements * kGroup;   // 64 bytes per 4 weights of 16 rows
+    float *D = g.D.get() + c0 * kGroup, *Mn = g.Mn.get() + c0 * kGroup;
+    switch (type) {
+      case Q4_0:
+      case Q8_0: {
+        const __m512i head = w.at(at);
+        _mm512_storeu_ps(D, fp16_at(head, 0));
+        _mm512_storeu_ps(Mn, _mm512_setzero_ps());
+        _mm512_storeu_si512(g.o.get() + c0 * kGroup, _mm512_set1_epi32(type == Q8_0 ? 128 : 8));
+        for (int t = 0; t < (type == Q8_0 ? 8 : 4); ++t) {
+          const __m512i raw = w.at(at + 2 + 4 * t);
+          if (type == Q8_0) {
+            put(codes + t * 64, _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0x80808080))));
+          } else {
+            put(codes + t * 64, _mm512_and_si512(raw, low4));
+            put(codes + (t + 4) * 64, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
           }
         }
-        _tile_stored(0, c, 64);
-        store(t, 0);
-        _tile_stored(1, c, 64);
-        store(t, 1);
-        if (pair) {
-          _tile_stored(2, c, 64);
-          store(t + 1, 0);
-          _tile_stored(3, c, 64);
-          store(t + 1, 1);
+        break;
+      }
+      case Q4_1:
+      case Q4_1_G64:
+      case Q4_1_G128: {
+        const __m512i head = w.at(at);
+        const __m512 d = fp16_at(head, 0), m = fp16_at(head, 16);
+        for (int64_t c = 0; c < f.elements / 32; ++c) {
+          _mm512_storeu_ps(D + c * kGroup, d);
+          _mm512_storeu_ps(Mn + c * kGroup, m);
+          for (int t = 0; t < 4; ++t) {
+            const __m512i raw = w.at(at + 4 + 16 * c + 4 * t);
+            put(codes + (c * 8 + t) * 64, _mm512_and_si512(raw, low4));
+            put(codes + (c * 8 + t + 4) * 64, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
+          }
         }
+        break;
+      }
+      case Q4_K: {
+        const __m512i head = w.at(at), s0 = w.at(at + 4), s1 = w.at(at + 8), s2 = w.at(at + 12);
+        const __m512 d = fp16_at(head, 0), dmin = fp16_at(head, 16);
+        for (int j = 0; j < 4; ++j) {  // scale_min's two cases, for sub-blocks j and j + 4
+          const __m512i b0 = bits(s0, 8 * j, 255), b1 = bits(s1, 8 * j, 255), b2 = bits(s2, 8 * j, 255);
+          const __m512i sc[2] = {_mm512_and_si512(b0, _mm512_set1_epi32(63)),
+                                 _mm512_or_si512(_mm512_and_si512(b2, _mm512_set1_epi32(15)),
+                                                 _mm512_slli_epi32(_mm512_srli_epi32(b0, 6), 4))};
+          const __m512i mn[2] = {_mm512_and_si512(b1, _mm512_set1_epi32(63)),
+                                 _mm512_or_si512(_mm512_srli_epi32(b2, 4), _mm512_slli_epi32(_mm512_srli_epi32(b1, 6), 4))};
+          for (int h = 0; h < 2; ++h) {
+            _mm512_storeu_ps(D + (j + 4 * h) * kGroup, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc[h])));
+            _mm512_storeu_ps(Mn + (j + 4 * h) * kGroup,
+                             _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn[h]))));
+          }
+        }
+        for (int p = 0; p < 4; ++p)  // 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high
+          for (int t = 0; t < 8; ++t) {
+            const __m512i raw = w.at(at + 16 + 32 * p + 4 * t);
+            put(codes + (2 * p * 8 + t) * 64, _mm512_and_si512(raw, low4));
+            put(codes + ((2 * p + 1) * 8 + t) * 64, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
+          }
+        break;
+      }
+      case Q6_K: {
+        const __m512 d = fp16_at(w.at(at + 206), 16);  // bytes 208-209, read without passing the block
+        for (int c = 0; c < 8; ++c) _mm512_storeu_ps(D + c * kGroup, d), _mm512_storeu_ps(Mn + c * kGroup, _mm512_setzero_ps());
+        for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: sub-blocks (2c, 2c + 1) of chunks 2s, 2s + 1
+          const __m512i word = w.at(at + 192 + 4 * s);
+          for (int i = 0; i < 2; ++i) {
+            const int c = 2 * s + i;
+            _mm512_storeu_si512(g.sc0.get() + (c0 + c) * kGroup, _mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 16 * i), 24));
+            _mm512_storeu_si512(g.sc1.get() + (c0 + c) * kGroup, _mm512_srai_epi32(_mm512_slli_epi32(word, 16 - 16 * i), 24));
+            _mm512_storeu_si512(g.o.get() + (c0 + c) * kGroup, _mm512_set1_epi32(32));
+          }
+        }
+        for (int h = 0; h < 2; ++h)
+          for (int t = 0; t < 8; ++t) {
+            const __m512i hi = w.at(at + 128 + h * 32 + 4 * t);
+            for (int half = 0; half < 2; ++half) {  // ql bytes (r % 2) = half
+              const __m512i lo = w.at(at + h * 64 + half * 32 + 4 * t);
+              for (int shift = 0; shift < 2; ++shift) {  // r / 2
+                const int r = 2 * shift + half, c = 4 * h + r;
+                const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo, 4 * shift), low4),
+                                                  _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * r),
+                                                                                     _mm512_set1_epi32(0x03030303)), 4));
+                put(codes + (c * 8 + t) * 64, q);
+              }
+            }
+          }
+        break;
       }
     }
-    _tile_release();
-  });
+  }
+  return true;
 }
 #endif
+
+// Rows [n0, n0 + 16) of w (zeros past N) → g.
+void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, std::vector<uint8_t>& tmp) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  const auto [part, first] = w.locate(n0);
+  const int64_t rows = std::min(kGroup, N - n0);
+  if (first + rows <= part->rows && unpack_lanes(*part, first, rows, K, g)) return;
+#endif
+  g.scales = g.offsets = false;
+  constexpr int64_t kSpan = 256;  // weights unpacked per row before interleaving: every block type's size
+  tmp.resize(kGroup * kSpan);
+  Chunk p[kSpan / 32];
+  for (int64_t k0 = 0; k0 < K; k0 += kSpan) {
+    const int64_t E = std::min(kSpan, K - k0);
+    for (int64_t r = 0; r < kGroup; ++r) {
+      uint8_t* c = tmp.data() + r * kSpan;
+      if (n0 + r >= N) {
+        std::memset(c, 0, E);
+        for (int64_t j = 0; j < E / 32; ++j) p[j] = {0.f, 0.f, {1, 1}, 0};
+      } else {
+        const auto [part, n] = w.locate(n0 + r);
+        const Format f = format(part->type);
+        const uint8_t* row = part->data + n * part->row_bytes;
+        for (int64_t e = 0; e < E; e += f.elements)  // E is a whole number of this type's blocks
+          levante::unpack(part->type, row + (k0 + e) / f.elements * f.bytes, c + e, p + e / 32);
+      }
+      for (int64_t j = 0; j < E / 32; ++j) {
+        const int64_t i = (k0 / 32 + j) * kGroup + r;
+        g.D[i] = p[j].D, g.Mn[i] = p[j].Mn, g.sc0[i] = p[j].sc[0], g.sc1[i] = p[j].sc[1], g.o[i] = p[j].o;
+        g.scales |= p[j].sc[0] != 1 || p[j].sc[1] != 1;
+        g.offsets |= p[j].o != 0;
+      }
+    }
+    interleave(tmp.data(), kSpan, E, g.codes.get() + k0 * kGroup);
+  }
+}
+
+template <int R, bool Scales, bool Offsets, typename T>
+void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y, int64_t N, int64_t n0) {
+  const int64_t chunks = K / 32;
+  fv acc[R][kVectors];
+  for (int r = 0; r < R; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = fzero();
+  for (int64_t b = 0; b < chunks; ++b) {
+    const uint8_t* c = g.codes.get() + b * 32 * kGroup;
+    iv dot[R][2][kVectors];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h)
+        for (int64_t v = 0; v < kVectors; ++v) dot[r][h][v] = izero();
+    for (int q = 0; q < 8; ++q) {
+      const int h = Scales ? q / 4 : 0;
+      iv w[kVectors];
+      for (int64_t v = 0; v < kVectors; ++v) w[v] = iload(c + q * 64 + v * kRowLanes * 4);
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq.q.data() + (m0 + r) * K + b * 32 + 4 * q, 4);
+        for (int64_t v = 0; v < kVectors; ++v) dot[r][h][v] = dpbusd(dot[r][h][v], w[v], x4);
+      }
+    }
+    const int64_t p = b * kGroup;
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const int64_t l = p + v * kRowLanes;
+      const fv D = fload(g.D.get() + l), Mn = fload(g.Mn.get() + l);
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (m0 + r) * chunks + b;
+        const int32_t h0 = xq.h[2 * i], h1 = xq.h[2 * i + 1];
+        iv s;
+        if constexpr (Scales) {
+          iv t0 = dot[r][0][v], t1 = dot[r][1][v];
+          if constexpr (Offsets) {
+            const iv o = iload(g.o.get() + l);
+            t0 = isub(t0, imul(o, iset(h0))), t1 = isub(t1, imul(o, iset(h1)));
+          }
+          s = iadd(imul(iload(g.sc0.get() + l), t0), imul(iload(g.sc1.get() + l), t1));
+        } else {
+          s = dot[r][0][v];
+          if constexpr (Offsets) s = isub(s, imul(iload(g.o.get() + l), iset(h0 + h1)));
+        }
+        acc[r][v] = ffma(tofloat(s), fmul(D, fset(xq.d[i])), acc[r][v]);
+        acc[r][v] = ffma(Mn, fset(xq.s[i]), acc[r][v]);
+      }
+    }
+  }
+  const int64_t cols = std::min(kGroup, N - n0);
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float out[kGroup];
+    for (int64_t v = 0; v < kVectors; ++v) fstore(out + v * kRowLanes, acc[r][v]);
+    for (int64_t n = 0; n < cols; ++n) y[(m0 + r) * N + n0 + n] = static_cast<T>(out[n]);
+  }
+}
+
+template <bool Scales, bool Offsets, typename T>
+void dot_group(const Group& g, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0) {
+  constexpr int kRows = 4;  // rows of x per pass over the group's codes
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) dot_rows<kRows, Scales, Offsets>(g, xq, m, K, y, N, n0);
+  switch (M - m) {
+    case 3: return dot_rows<3, Scales, Offsets>(g, xq, m, K, y, N, n0);
+    case 2: return dot_rows<2, Scales, Offsets>(g, xq, m, K, y, N, n0);
+    case 1: return dot_rows<1, Scales, Offsets>(g, xq, m, K, y, N, n0);
+    default: return;
+  }
+}
+
+template <typename T>
+void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N, int64_t K) {
+  const QuantizedX xq = quantize_rows(x, ldx, M, K);
+  at::parallel_for(0, (N + kGroup - 1) / kGroup, 1, [&](int64_t first, int64_t last) {
+    Group g(K);
+    std::vector<uint8_t> tmp;
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t n0 = i * kGroup;
+      unpack_group(w, n0, N, K, g, tmp);
+      if (g.scales) {
+        g.offsets ? dot_group<true, true>(g, xq, M, K, y, N, n0) : dot_group<true, false>(g, xq, M, K, y, N, n0);
+      } else {
+        g.offsets ? dot_group<false, true>(g, xq, M, K, y, N, n0) : dot_group<false, false>(g, xq, M, K, y, N, n0);
+      }
+    }
+  });
+}
 
 void check(const at::Tensor& blocks, int64_t type, int64_t K) {
   const Format f = format(type);
@@ -372,9 +763,6 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArray
   if (x.scalar_type() == at::kBFloat16) {
     const auto* xp = rows.data_ptr<c10::BFloat16>();
     auto* yp = y.data_ptr<c10::BFloat16>();
-#ifdef LEVANTE_AMX
-    if (amx_available()) return qgemm_amx(xp, rows.stride(0), w, yp, M, N, K), y.view(shape);
-#endif
     qgemm(xp, rows.stride(0), w, yp, M, N, K);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "levante::quant_linear: float32 or bfloat16 only");
