@@ -1,13 +1,15 @@
 // y = x·wᵀ over GGUF-quantized weights kept as the file stores them (llama.cpp's block formats),
 // by integer dot products, as llama.cpp computes them.
 //
-// Each row of x is rounded per 32 values to int8 with a float32 scale (llama.cpp's Q8_0, its scale
-// kept in float32). Every weight chunk of 32 is, whatever its type, w_l = D·sc_h·(c_l − o) + Mn
+// Each row of x is rounded per 32 values to int8 with a float32 scale dx (llama.cpp's Q8_0, its
+// scale kept in float32). Every weight chunk of 32 is, whatever its type, w_l = D·sc_h·(c_l − o) + Mn
 // with unsigned 8-bit codes c, an integer scale sc_h per half (Q6_K's 16-weight sub-blocks; 1
-// elsewhere) and an integer offset o. The integer part of a chunk's dot product is then exact, in
-// any order and on any instruction set, and the float part is the same operations for every
-// output element, chunk after chunk in increasing k:
-//     acc = fma(float(Σ_h sc_h·(Σ c·xq − o·Σ xq)), D·dx, acc);  acc = fma(Mn, dx·Σ xq, acc)
+// elsewhere) and an integer offset o. The integer sums Σ c·xq of a chunk (of each half, for Q6_K)
+// are exact, in any order and on any instruction set (VPDPBUSD, AMX's TDPBSUD, AVX2 or plain C++),
+// and the float part is the same operations for every output element, chunk after chunk in k:
+//     acc = fma(float(Σ_h c·xq), D·sc_h·dx, acc);  acc = fma(Mn − D·sc_h·o, dx·Σ_h xq, acc)
+// (per half for Q6_K, over the whole chunk otherwise; the factors are exact products of the
+// block's fp16 scales and small integers).
 // So a row's result depends on that row alone (batch-invariant), and a weight costs a few integer
 // instructions instead of a conversion to floating point and a float product. The price is x's
 // rounding, llama.cpp's own (about 0.5% of an output's norm; the tests bound it). Embedding
@@ -330,19 +332,18 @@ void unpack(int64_t type, const uint8_t* b, uint8_t* c, Chunk* p) {
   }
 }
 
-// x quantized: q [M, K] int8; per row and chunk of 32 the scale d, the sums of q over each half
-// (h), and s = d·Σq (the min term's factor).
+// x quantized: q [M, K] int8; per row and chunk of 32 its scale d, s = d·Σq and, per half of
+// the chunk, d·Σq (the min terms' factors).
 struct QuantizedX {
   std::vector<int8_t> q;
-  std::vector<float> d, s;
-  std::vector<int32_t> h;
+  std::vector<float> d, s, halves;
 };
 
 template <typename T>
 QuantizedX quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
   const int64_t chunks = K / 32;
   QuantizedX out{std::vector<int8_t>(M * K), std::vector<float>(M * chunks), std::vector<float>(M * chunks),
-                 std::vector<int32_t>(M * chunks * 2)};
+                 std::vector<float>(M * chunks * 2)};
   at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
     float v[32];
     for (int64_t m = first; m < last; ++m)
@@ -358,7 +359,7 @@ QuantizedX quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
         }
         const int64_t i = m * chunks + b;
         out.d[i] = d, out.s[i] = d * static_cast<float>(sums[0] + sums[1]);
-        out.h[2 * i] = sums[0], out.h[2 * i + 1] = sums[1];
+        out.halves[2 * i] = d * static_cast<float>(sums[0]), out.halves[2 * i + 1] = d * static_cast<float>(sums[1]);
       }
   });
   return out;
@@ -443,18 +444,20 @@ inline void fstore(float* p, fv v) { *p = v; }
 constexpr int64_t kVectors = kGroup / kRowLanes;
 
 // A group of weight rows unpacked for the dot products: codes [K/4][16 rows][4 k] (each 4 k of
-// a row one 32-bit word, as VPDPBUSD reads them) and the chunks' parameters [K/32][16 rows].
+// a row one 32-bit word, as VPDPBUSD reads them) and, per chunk [K/32][16 rows], the float factors
+// of its halves' sums, D_h = D·sc_h, and of x's sums, Mn_h = Mn − D_h·o (all exact products of
+// the block's fp16 scales and small integers). Without `scales` (no Q6_K row) the halves share one
+// factor, D0 and Mn0, applied to the whole chunk.
 struct Group {
   // uninitialized (every entry is written before it is read): a decode step allocates these per
   // call and thread, where zeroing them would cost more than some of the matmuls
   std::unique_ptr<uint8_t[]> codes;
-  std::unique_ptr<float[]> D, Mn;
-  std::unique_ptr<int32_t[]> sc0, sc1, o;
-  bool scales = false, offsets = false;  // whether any sc ≠ 1 / o ≠ 0 (otherwise skipped)
+  std::unique_ptr<float[]> D0, D1, Mn0, Mn1;
+  bool scales = false;
 
   explicit Group(int64_t K)
-      : codes(new uint8_t[K * kGroup]), D(new float[K / 32 * kGroup]), Mn(new float[K / 32 * kGroup]),
-        sc0(new int32_t[K / 32 * kGroup]), sc1(new int32_t[K / 32 * kGroup]), o(new int32_t[K / 32 * kGroup]) {}
+      : codes(new uint8_t[K * kGroup]), D0(new float[K / 32 * kGroup]), D1(new float[K / 32 * kGroup]),
+        Mn0(new float[K / 32 * kGroup]), Mn1(new float[K / 32 * kGroup]) {}
 };
 
 // rows [16][E] bytes at stride ld → out [E/4][16][4]: a transpose of 32-bit words.
@@ -520,18 +523,17 @@ bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_
   const Format f = format(type);
   const int64_t blocks = K / f.elements;
   const __m512i low4 = _mm512_set1_epi32(0x0f0f0f0f);
-  g.scales = type == Q6_K, g.offsets = type == Q4_0 || type == Q8_0 || type == Q6_K;
+  g.scales = type == Q6_K;
   for (int64_t kb = 0; kb < blocks; ++kb) {
     const int64_t at = kb * f.bytes, c0 = kb * f.elements / 32;  // the block's first byte and chunk
     uint8_t* codes = g.codes.get() + kb * f.elements * kGroup;   // 64 bytes per 4 weights of 16 rows
-    float *D = g.D.get() + c0 * kGroup, *Mn = g.Mn.get() + c0 * kGroup;
+    float *D = g.D0.get() + c0 * kGroup, *Mn = g.Mn0.get() + c0 * kGroup;
     switch (type) {
       case Q4_0:
       case Q8_0: {
-        const __m512i head = w.at(at);
-        _mm512_storeu_ps(D, fp16_at(head, 0));
-        _mm512_storeu_ps(Mn, _mm512_setzero_ps());
-        _mm512_storeu_si512(g.o.get() + c0 * kGroup, _mm512_set1_epi32(type == Q8_0 ? 128 : 8));
+        const __m512 d = fp16_at(w.at(at), 0);
+        _mm512_storeu_ps(D, d);
+        _mm512_storeu_ps(Mn, _mm512_mul_ps(d, _mm512_set1_ps(type == Q8_0 ? -128.f : -8.f)));  // the offset
         for (int t = 0; t < (type == Q8_0 ? 8 : 4); ++t) {
           const __m512i raw = w.at(at + 2 + 4 * t);
           if (type == Q8_0) {
@@ -585,14 +587,13 @@ bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_
       }
       case Q6_K: {
         const __m512 d = fp16_at(w.at(at + 206), 16);  // bytes 208-209, read without passing the block
-        for (int c = 0; c < 8; ++c) _mm512_storeu_ps(D + c * kGroup, d), _mm512_storeu_ps(Mn + c * kGroup, _mm512_setzero_ps());
-        for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: sub-blocks (2c, 2c + 1) of chunks 2s, 2s + 1
+        for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: the halves of chunks 2s and 2s + 1
           const __m512i word = w.at(at + 192 + 4 * s);
-          for (int i = 0; i < 2; ++i) {
-            const int c = 2 * s + i;
-            _mm512_storeu_si512(g.sc0.get() + (c0 + c) * kGroup, _mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 16 * i), 24));
-            _mm512_storeu_si512(g.sc1.get() + (c0 + c) * kGroup, _mm512_srai_epi32(_mm512_slli_epi32(word, 16 - 16 * i), 24));
-            _mm512_storeu_si512(g.o.get() + (c0 + c) * kGroup, _mm512_set1_epi32(32));
+          for (int h = 0; h < 4; ++h) {
+            const int64_t at_chunk = (c0 + 2 * s + h / 2) * kGroup;
+            const __m512 dh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * h), 24)));
+            _mm512_storeu_ps((h % 2 ? g.D1 : g.D0).get() + at_chunk, dh);
+            _mm512_storeu_ps((h % 2 ? g.Mn1 : g.Mn0).get() + at_chunk, _mm512_mul_ps(dh, _mm512_set1_ps(-32.f)));
           }
         }
         for (int h = 0; h < 2; ++h)
@@ -624,7 +625,7 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
   const int64_t rows = std::min(kGroup, N - n0);
   if (first + rows <= part->rows && unpack_lanes(*part, first, rows, K, g)) return;
 #endif
-  g.scales = g.offsets = false;
+  g.scales = false;
   constexpr int64_t kSpan = 256;  // weights unpacked per row before interleaving: every block type's size
   tmp.resize(kGroup * kSpan);
   Chunk p[kSpan / 32];
@@ -637,6 +638,7 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
         for (int64_t j = 0; j < E / 32; ++j) p[j] = {0.f, 0.f, {1, 1}, 0};
       } else {
         const auto [part, n] = w.locate(n0 + r);
+        g.scales |= part->type == Q6_K;
         const Format f = format(part->type);
         const uint8_t* row = part->data + n * part->row_bytes;
         for (int64_t e = 0; e < E; e += f.elements)  // E is a whole number of this type's blocks
@@ -644,16 +646,41 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
       }
       for (int64_t j = 0; j < E / 32; ++j) {
         const int64_t i = (k0 / 32 + j) * kGroup + r;
-        g.D[i] = p[j].D, g.Mn[i] = p[j].Mn, g.sc0[i] = p[j].sc[0], g.sc1[i] = p[j].sc[1], g.o[i] = p[j].o;
-        g.scales |= p[j].sc[0] != 1 || p[j].sc[1] != 1;
-        g.offsets |= p[j].o != 0;
+        const float d0 = p[j].D * static_cast<float>(p[j].sc[0]), d1 = p[j].D * static_cast<float>(p[j].sc[1]);
+        g.D0[i] = d0, g.D1[i] = d1;
+        g.Mn0[i] = p[j].Mn - d0 * static_cast<float>(p[j].o), g.Mn1[i] = p[j].Mn - d1 * static_cast<float>(p[j].o);
       }
     }
     interleave(tmp.data(), kSpan, E, g.codes.get() + k0 * kGroup);
   }
 }
 
-template <int R, bool Scales, bool Offsets, typename T>
+// One chunk's integer sums (per half with Scales; all in t0 otherwise) → acc: the float part,
+// the same for every way of getting the sums.
+template <bool Scales>
+inline fv accumulate(fv acc, iv t0, iv t1, const Group& g, int64_t l, const QuantizedX& xq, int64_t i) {
+  const fv dx = fset(xq.d[i]);
+  acc = ffma(tofloat(t0), fmul(fload(g.D0.get() + l), dx), acc);
+  if constexpr (Scales) {
+    acc = ffma(tofloat(t1), fmul(fload(g.D1.get() + l), dx), acc);
+    acc = ffma(fload(g.Mn0.get() + l), fset(xq.halves[2 * i]), acc);
+    return ffma(fload(g.Mn1.get() + l), fset(xq.halves[2 * i + 1]), acc);
+  }
+  return ffma(fload(g.Mn0.get() + l), fset(xq.s[i]), acc);
+}
+
+template <int R, typename T>
+void store_rows(const fv (&acc)[R][kVectors], int64_t m0, T* y, int64_t N, int64_t n0) {
+  const int64_t cols = std::min(kGroup, N - n0);
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float out[kGroup];
+    for (int64_t v = 0; v < kVectors; ++v) fstore(out + v * kRowLanes, acc[r][v]);
+    for (int64_t n = 0; n < cols; ++n) y[(m0 + r) * N + n0 + n] = static_cast<T>(out[n]);
+  }
+}
+
+// Rows [m0, m0 + R) of x times the group: integer sums by VPDPBUSD (or its emulation).
+template <int R, bool Scales, typename T>
 void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y, int64_t N, int64_t n0) {
   const int64_t chunks = K / 32;
   fv acc[R][kVectors];
@@ -675,47 +702,82 @@ void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y,
         for (int64_t v = 0; v < kVectors; ++v) dot[r][h][v] = dpbusd(dot[r][h][v], w[v], x4);
       }
     }
-    const int64_t p = b * kGroup;
-    for (int64_t v = 0; v < kVectors; ++v) {
-      const int64_t l = p + v * kRowLanes;
-      const fv D = fload(g.D.get() + l), Mn = fload(g.Mn.get() + l);
-      for (int r = 0; r < R; ++r) {
-        const int64_t i = (m0 + r) * chunks + b;
-        const int32_t h0 = xq.h[2 * i], h1 = xq.h[2 * i + 1];
-        iv s;
-        if constexpr (Scales) {
-          iv t0 = dot[r][0][v], t1 = dot[r][1][v];
-          if constexpr (Offsets) {
-            const iv o = iload(g.o.get() + l);
-            t0 = isub(t0, imul(o, iset(h0))), t1 = isub(t1, imul(o, iset(h1)));
-          }
-          s = iadd(imul(iload(g.sc0.get() + l), t0), imul(iload(g.sc1.get() + l), t1));
-        } else {
-          s = dot[r][0][v];
-          if constexpr (Offsets) s = isub(s, imul(iload(g.o.get() + l), iset(h0 + h1)));
-        }
-        acc[r][v] = ffma(tofloat(s), fmul(D, fset(xq.d[i])), acc[r][v]);
-        acc[r][v] = ffma(Mn, fset(xq.s[i]), acc[r][v]);
-      }
-    }
+    for (int64_t v = 0; v < kVectors; ++v)
+      for (int r = 0; r < R; ++r)
+        acc[r][v] = accumulate<Scales>(acc[r][v], dot[r][0][v], dot[r][1][v], g, b * kGroup + v * kRowLanes, xq,
+                                       (m0 + r) * chunks + b);
   }
-  const int64_t cols = std::min(kGroup, N - n0);
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float out[kGroup];
-    for (int64_t v = 0; v < kVectors; ++v) fstore(out + v * kRowLanes, acc[r][v]);
-    for (int64_t n = 0; n < cols; ++n) y[(m0 + r) * N + n0 + n] = static_cast<T>(out[n]);
-  }
+  store_rows<R>(acc, m0, y, N, n0);
 }
 
-template <bool Scales, bool Offsets, typename T>
-void dot_group(const Group& g, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0) {
-  constexpr int kRows = 4;  // rows of x per pass over the group's codes
+#if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
+// With AMX, 16 rows of x at a time take their integer sums from one TDPBSUD per chunk (x signed,
+// the codes unsigned; the codes' layout is already a B tile's) — the same exact sums, so the same
+// bits as dot_rows, at several times the rate for prefill.
+inline void amx_configure_int8() {
+  TileConfig cfg;
+  const std::pair<int, int> shapes[] = {{16, 64}, {16, 64}, {16, 32}, {8, 64}, {16, 16}, {4, 64}};
+  for (int t = 0; t < 6; ++t) cfg.rows[t] = shapes[t].first, cfg.colsb[t] = shapes[t].second;  // rows, bytes
+  _tile_loadconfig(&cfg);
+}
+
+template <bool Scales, typename T>
+void dot_rows_amx(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y, int64_t N, int64_t n0) {
+  static_assert(kVectors == 1);
+  constexpr int R = 16;
+  const int64_t chunks = K / 32;
+  fv acc[R][kVectors];
+  for (int r = 0; r < R; ++r) acc[r][0] = fzero();
+  // chunk b's sums are stored while chunk b − 1's are read: loads right after a tile store of
+  // the same lines wait for it to reach the cache (no store forwarding from tiles)
+  alignas(64) int32_t sums[2][2][R][kGroup];
+  const int8_t* x = xq.q.data() + m0 * K;
+  auto finish = [&](int64_t b) {
+    const auto& s = sums[b % 2];
+    for (int r = 0; r < R; ++r)
+      acc[r][0] = accumulate<Scales>(acc[r][0], iload(s[0][r]), Scales ? iload(s[1][r]) : izero(), g, b * kGroup,
+                                     xq, (m0 + r) * chunks + b);
+  };
+  for (int64_t b = 0; b < chunks; ++b) {
+    const uint8_t* c = g.codes.get() + b * 32 * kGroup;
+    _tile_zero(0);
+    if constexpr (Scales) {  // the halves apart: 16 k of x against 4 words of codes, twice
+      _tile_zero(1);
+      _tile_loadd(4, x + b * 32, K);
+      _tile_loadd(5, c, 64);
+      _tile_dpbsud(0, 4, 5);
+      _tile_loadd(4, x + b * 32 + 16, K);
+      _tile_loadd(5, c + 4 * 64, 64);
+      _tile_dpbsud(1, 4, 5);
+      _tile_stored(1, sums[b % 2][1], 64);
+    } else {
+      _tile_loadd(2, x + b * 32, K);
+      _tile_loadd(3, c, 64);
+      _tile_dpbsud(0, 2, 3);
+    }
+    _tile_stored(0, sums[b % 2][0], 64);
+    if (b > 0) finish(b - 1);
+  }
+  finish(chunks - 1);
+  store_rows<R>(acc, m0, y, N, n0);
+}
+#endif
+
+template <bool Scales, typename T>
+void dot_group(const Group& g, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0, bool amx) {
   int64_t m = 0;
-  for (; m + kRows <= M; m += kRows) dot_rows<kRows, Scales, Offsets>(g, xq, m, K, y, N, n0);
+#if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
+  if (amx)
+    for (; m + 16 <= M; m += 16) dot_rows_amx<Scales>(g, xq, m, K, y, N, n0);
+#else
+  (void)amx;
+#endif
+  constexpr int kRows = 4;  // rows of x per pass over the group's codes
+  for (; m + kRows <= M; m += kRows) dot_rows<kRows, Scales>(g, xq, m, K, y, N, n0);
   switch (M - m) {
-    case 3: return dot_rows<3, Scales, Offsets>(g, xq, m, K, y, N, n0);
-    case 2: return dot_rows<2, Scales, Offsets>(g, xq, m, K, y, N, n0);
-    case 1: return dot_rows<1, Scales, Offsets>(g, xq, m, K, y, N, n0);
+    case 3: return dot_rows<3, Scales>(g, xq, m, K, y, N, n0);
+    case 2: return dot_rows<2, Scales>(g, xq, m, K, y, N, n0);
+    case 1: return dot_rows<1, Scales>(g, xq, m, K, y, N, n0);
     default: return;
   }
 }
@@ -723,18 +785,25 @@ void dot_group(const Group& g, const QuantizedX& xq, int64_t M, int64_t K, T* y,
 template <typename T>
 void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N, int64_t K) {
   const QuantizedX xq = quantize_rows(x, ldx, M, K);
+#if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
+  const bool amx = M >= 16 && amx_available();
+#else
+  const bool amx = false;
+#endif
   at::parallel_for(0, (N + kGroup - 1) / kGroup, 1, [&](int64_t first, int64_t last) {
+#if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
+    if (amx) amx_configure_int8();
+#endif
     Group g(K);
     std::vector<uint8_t> tmp;
     for (int64_t i = first; i < last; ++i) {
       const int64_t n0 = i * kGroup;
       unpack_group(w, n0, N, K, g, tmp);
-      if (g.scales) {
-        g.offsets ? dot_group<true, true>(g, xq, M, K, y, N, n0) : dot_group<true, false>(g, xq, M, K, y, N, n0);
-      } else {
-        g.offsets ? dot_group<false, true>(g, xq, M, K, y, N, n0) : dot_group<false, false>(g, xq, M, K, y, N, n0);
-      }
+      g.scales ? dot_group<true>(g, xq, M, K, y, N, n0, amx) : dot_group<false>(g, xq, M, K, y, N, n0, amx);
     }
+#if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
+    if (amx) _tile_release();
+#endif
   });
 }
 
