@@ -63,211 +63,6 @@ inline void scale_min(const uint8_t* s, int j, float& sc, float& m) {
   }
 }
 
-// One block → float32, in gguf's order of operations.
-void decode(int64_t type, const uint8_t* b, float* y) {
-  switch (type) {
-    case Q4_0: {
-      const float d = half(b);
-      for (int l = 0; l < 16; ++l) {
-        y[l] = d * static_cast<float>((b[2 + l] & 15) - 8);
-        y[l + 16] = d * static_cast<float>((b[2 + l] >> 4) - 8);
-      }
-      return;
-    }
-    case Q4_1:
-    case Q4_1_G64:
-    case Q4_1_G128: {
-      const float d = half(b), m = half(b + 2);
-      for (int64_t c = 0; c < format(type).elements / 32; ++c, y += 32) {
-        const uint8_t* q = b + 4 + 16 * c;
-        for (int l = 0; l < 16; ++l) {
-          y[l] = d * static_cast<float>(q[l] & 15) + m;
-          y[l + 16] = d * static_cast<float>(q[l] >> 4) + m;
-        }
-      }
-      return;
-    }
-    case Q8_0: {
-      const float d = half(b);
-      for (int l = 0; l < 32; ++l) y[l] = d * static_cast<float>(static_cast<int8_t>(b[2 + l]));
-      return;
-    }
-    case Q4_K:
-    case Q5_K: {  // 8 sub-blocks of 32: low then high nibbles of each 32 bytes; Q5_K adds a 5th bit
-      const float d = half(b), dmin = half(b + 2);
-      const uint8_t *scales = b + 4, *qh = b + 16, *qs = type == Q4_K ? b + 16 : b + 48;
-      for (int j = 0; j < 8; ++j) {
-        float sc, m;
-        scale_min(scales, j, sc, m);
-        const float dj = d * sc, mj = dmin * m;
-        const uint8_t* q = qs + (j / 2) * 32;
-        const int shift = (j % 2) * 4;
-        for (int l = 0; l < 32; ++l) {
-          const int high = type == Q5_K ? ((qh[l] >> j) & 1) << 4 : 0;
-          y[j * 32 + l] = dj * static_cast<float>(((q[l] >> shift) & 15) | high) - mj;
-        }
-      }
-      return;
-    }
-    case Q6_K: {  // 16 sub-blocks of 16; low 4 bits in ql, high 2 in qh, signed scales
-      const uint8_t *ql = b, *qh = b + 128;
-      const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
-      const float d = half(b + 208);
-      for (int c = 0; c < 8; ++c) {
-        const int h = c / 4, r = c % 4;
-        const uint8_t* lo = ql + h * 64 + (r % 2) * 32;
-        const uint8_t* hi = qh + h * 32;
-        for (int l = 0; l < 32; ++l) {
-          const int e = c * 32 + l;
-          const int q = (((lo[l] >> (r / 2 * 4)) & 15) | (((hi[l] >> (2 * r)) & 3) << 4)) - 32;
-          y[e] = (d * static_cast<float>(scales[e / 16])) * static_cast<float>(q);
-        }
-      }
-      return;
-    }
-    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
-  }
-}
-
-#if defined(__AVX512F__)
-// The same decoding, 16 weights per vector, written straight into the compute dtype: the same
-// operations as `decode` (integer codes converted exactly, one rounding per weight), so the same bits.
-inline void put(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
-
-inline void put(c10::BFloat16* y, __m512 v) {  // round to nearest even, as a cast does
-#if defined(__AVX512BF16__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
-#else
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  for (int i = 0; i < 16; ++i) y[i] = c10::BFloat16(t[i]);
-#endif
-}
-
-inline __m512i bytes(const uint8_t* p) {  // 16 unsigned bytes → 16 int32
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-inline __m512 floats(__m512i v) { return _mm512_cvtepi32_ps(v); }
-
-template <typename T>
-void decode_into(int64_t type, const uint8_t* b, T* y) {
-  const __m512i low4 = _mm512_set1_epi32(15);
-  switch (type) {
-    case Q4_0: {
-      const __m512 d = _mm512_set1_ps(half(b));
-      const __m512i q = bytes(b + 2), eight = _mm512_set1_epi32(8);
-      put(y, _mm512_mul_ps(d, floats(_mm512_sub_epi32(_mm512_and_si512(q, low4), eight))));
-      put(y + 16, _mm512_mul_ps(d, floats(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight))));
-      return;
-    }
-    case Q4_1:
-    case Q4_1_G64:
-    case Q4_1_G128: {
-      const __m512 d = _mm512_set1_ps(half(b)), m = _mm512_set1_ps(half(b + 2));
-      for (int64_t c = 0; c < format(type).elements / 32; ++c, y += 32) {
-        const __m512i q = bytes(b + 4 + 16 * c);
-        put(y, _mm512_fmadd_ps(d, floats(_mm512_and_si512(q, low4)), m));  // d·q is exact: one rounding
-        put(y + 16, _mm512_fmadd_ps(d, floats(_mm512_srli_epi32(q, 4)), m));
-      }
-      return;
-    }
-    case Q8_0: {
-      const __m512 d = _mm512_set1_ps(half(b));
-      for (int h = 0; h < 2; ++h)
-        put(y + 16 * h, _mm512_mul_ps(d, floats(_mm512_cvtepi8_epi32(
-                                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * h))))));
-      return;
-    }
-    case Q4_K:
-    case Q5_K: {
-      const float d = half(b), dmin = half(b + 2);
-      const uint8_t *scales = b + 4, *qh = b + 16, *qs = type == Q4_K ? b + 16 : b + 48;
-      for (int j = 0; j < 8; ++j) {
-        float sc, m;
-        scale_min(scales, j, sc, m);
-        const __m512 dj = _mm512_set1_ps(d * sc), mj = _mm512_set1_ps(dmin * m);
-        for (int h = 0; h < 2; ++h) {
-          __m512i q = _mm512_and_si512(_mm512_srli_epi32(bytes(qs + (j / 2) * 32 + 16 * h), (j % 2) * 4), low4);
-          if (type == Q5_K)
-            q = _mm512_or_si512(
-                q, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bytes(qh + 16 * h), j), _mm512_set1_epi32(1)), 4));
-          put(y + j * 32 + 16 * h, _mm512_fmsub_ps(dj, floats(q), mj));
-        }
-      }
-      return;
-    }
-    case Q6_K: {
-      const uint8_t *ql = b, *qh = b + 128;
-      const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
-      const float d = half(b + 208);
-      const __m512i three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
-      for (int c = 0; c < 8; ++c) {
-        const int h = c / 4, r = c % 4;
-        for (int s = 0; s < 2; ++s) {
-          const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(bytes(ql + h * 64 + (r % 2) * 32 + 16 * s), r / 2 * 4), low4);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(bytes(qh + h * 32 + 16 * s), 2 * r), three);
-          const __m512i q = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), bias);
-          const __m512 scale = _mm512_set1_ps(d * static_cast<float>(scales[c * 2 + s]));
-          put(y + c * 32 + 16 * s, _mm512_mul_ps(scale, floats(q)));
-        }
-      }
-      return;
-    }
-    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
-  }
-}
-
-// One row of K weights (K a whole number of blocks) → T.
-template <typename T>
-void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
-  const Format f = format(type);
-  for (int64_t k = 0; k < K; k += f.elements, row += f.bytes) decode_into(type, row, y + k);
-}
-#else
-inline void convert(const float* x, float* y, int64_t n) { std::memcpy(y, x, n * sizeof(float)); }
-
-inline void convert(const float* x, c10::BFloat16* y, int64_t n) {  // round to nearest even, as a cast does
-  for (int64_t i = 0; i < n; ++i) y[i] = c10::BFloat16(x[i]);
-}
-
-// One row of K weights (K a whole number of blocks) → T.
-template <typename T>
-void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
-  const Format f = format(type);
-  alignas(64) float block[256];
-  for (int64_t k = 0; k < K; k += f.elements, row += f.bytes) {
-    decode(type, row, block);
-    convert(block, y + k, f.elements);
-  }
-}
-#endif
-
-// The rows of one or more quantized tensors stacked (merged projections kept apart: they may
-// differ in type, and they are views of the mapped file, which concatenating would copy).
-struct Weights {
-  struct Part {
-    const uint8_t* data;
-    int64_t rows, row_bytes, type;
-  };
-  std::vector<Part> parts;
-
-  // The part that holds stacked row n, and n's row within it.
-  std::pair<const Part*, int64_t> locate(int64_t n) const {
-    for (const Part& p : parts) {
-      if (n < p.rows) return {&p, n};
-      n -= p.rows;
-    }
-    TORCH_CHECK(false, "levante: row ", n, " past the weights");
-  }
-
-  template <typename T>
-  void dequantize(int64_t n, T* y, int64_t K) const {
-    const auto [part, row] = locate(n);
-    dequantize_row(part->type, part->data + row * part->row_bytes, y, K);
-  }
-};
-
 struct Chunk {  // one 32-weight chunk of a weight row: w_l = D·sc[l / 16]·(c_l − o) + Mn
   float D, Mn;
   int32_t sc[2], o;
@@ -332,6 +127,49 @@ void unpack(int64_t type, const uint8_t* b, uint8_t* c, Chunk* p) {
   }
 }
 
+// One row of K weights (K a whole number of blocks) → T, in gguf's order of operations: the
+// products (d·sc)·q are exact or rounded once, as gguf's are, then the min is added.
+template <typename T>
+void dequantize_row(int64_t type, const uint8_t* row, T* y, int64_t K) {
+  const Format f = format(type);
+  uint8_t c[256];
+  Chunk p[8];
+  for (int64_t k = 0; k < K; k += f.elements, row += f.bytes) {
+    unpack(type, row, c, p);
+    for (int64_t l = 0; l < f.elements; ++l) {
+      const Chunk& q = p[l / 32];
+      const float w = q.D * static_cast<float>(q.sc[l % 32 / 16]) * static_cast<float>(c[l] - q.o);
+      y[k + l] = static_cast<T>(q.Mn == 0.f ? w : w + q.Mn);
+    }
+  }
+}
+
+
+// The rows of one or more quantized tensors stacked (merged projections kept apart: they may
+// differ in type, and they are views of the mapped file, which concatenating would copy).
+struct Weights {
+  struct Part {
+    const uint8_t* data;
+    int64_t rows, row_bytes, type;
+  };
+  std::vector<Part> parts;
+
+  // The part that holds stacked row n, and n's row within it.
+  std::pair<const Part*, int64_t> locate(int64_t n) const {
+    for (const Part& p : parts) {
+      if (n < p.rows) return {&p, n};
+      n -= p.rows;
+    }
+    TORCH_CHECK(false, "levante: row ", n, " past the weights");
+  }
+
+  template <typename T>
+  void dequantize(int64_t n, T* y, int64_t K) const {
+    const auto [part, row] = locate(n);
+    dequantize_row(part->type, part->data + row * part->row_bytes, y, K);
+  }
+};
+
 // x quantized: q [M, K] int8; per row and chunk of 32 its scale d, s = d·Σq and, per half of
 // the chunk, d·Σq (the min terms' factors).
 struct QuantizedX {
@@ -367,80 +205,58 @@ QuantizedX quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
 
 constexpr int64_t kGroup = 16;  // weight rows unpacked together: one 64-byte line per 4 k
 
-// Vectors over the rows of a group (lane = weight row): 16 lanes with AVX512-VNNI, 8 with AVX2.
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// Vectors over the rows of a group (lane = weight row): vec.h's float vectors (16 lanes with
+// AVX-512, 8 with AVX2, 1 in plain C++) and integer vectors as wide.
+#if defined(__AVX512F__)
 using iv = __m512i;
-using fv = __m512;
-constexpr int64_t kRowLanes = 16;
 inline iv iload(const void* p) { return _mm512_loadu_si512(p); }
-inline iv iset(int32_t v) { return _mm512_set1_epi32(v); }
-inline iv iadd(iv a, iv b) { return _mm512_add_epi32(a, b); }
-inline iv isub(iv a, iv b) { return _mm512_sub_epi32(a, b); }
-inline iv imul(iv a, iv b) { return _mm512_mullo_epi32(a, b); }
 inline iv izero() { return _mm512_setzero_si512(); }
-inline iv dpbusd(iv acc, iv codes, int32_t x4) { return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4)); }
-inline fv fload(const float* p) { return _mm512_loadu_ps(p); }
-inline fv fset(float v) { return _mm512_set1_ps(v); }
-inline fv fzero() { return _mm512_setzero_ps(); }
-inline fv tofloat(iv a) { return _mm512_cvtepi32_ps(a); }
-inline fv fmul(fv a, fv b) { return _mm512_mul_ps(a, b); }
-inline fv ffma(fv a, fv b, fv c) { return _mm512_fmadd_ps(a, b, c); }
-inline void fstore(float* p, fv v) { _mm512_storeu_ps(p, v); }
+inline vf tofloat(iv a) { return _mm512_cvtepi32_ps(a); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline iv dpbusd(iv acc, iv codes, int32_t x4) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(x4));
+#else  // unsigned bytes 0, 2 and 1, 3 of each word as 16-bit, times x's bytes sign-extended: exact
+  const __m512i x = _mm512_set1_epi32(x4), mask = _mm512_set1_epi16(0xff);
+  const __m512i even = _mm512_madd_epi16(_mm512_and_si512(codes, mask), _mm512_srai_epi16(_mm512_slli_epi16(x, 8), 8));
+  const __m512i odd = _mm512_madd_epi16(_mm512_srli_epi16(codes, 8), _mm512_srai_epi16(x, 8));
+  return _mm512_add_epi32(acc, _mm512_add_epi32(even, odd));
+#endif
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 using iv = __m256i;
-using fv = __m256;
-constexpr int64_t kRowLanes = 8;
 inline iv iload(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline iv iset(int32_t v) { return _mm256_set1_epi32(v); }
-inline iv iadd(iv a, iv b) { return _mm256_add_epi32(a, b); }
-inline iv isub(iv a, iv b) { return _mm256_sub_epi32(a, b); }
-inline iv imul(iv a, iv b) { return _mm256_mullo_epi32(a, b); }
 inline iv izero() { return _mm256_setzero_si256(); }
+inline vf tofloat(iv a) { return _mm256_cvtepi32_ps(a); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline iv dpbusd(iv acc, iv codes, int32_t x4) {
 #if defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, codes, _mm256_set1_epi32(x4));
-#else  // unsigned bytes 0, 2 and 1, 3 of each word as 16-bit, times x's bytes sign-extended: exact
+#else  // as above, 8 lanes
   const __m256i x = _mm256_set1_epi32(x4), mask = _mm256_set1_epi16(0xff);
   const __m256i even = _mm256_madd_epi16(_mm256_and_si256(codes, mask), _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8));
   const __m256i odd = _mm256_madd_epi16(_mm256_srli_epi16(codes, 8), _mm256_srai_epi16(x, 8));
   return _mm256_add_epi32(acc, _mm256_add_epi32(even, odd));
 #endif
 }
-inline fv fload(const float* p) { return _mm256_loadu_ps(p); }
-inline fv fset(float v) { return _mm256_set1_ps(v); }
-inline fv fzero() { return _mm256_setzero_ps(); }
-inline fv tofloat(iv a) { return _mm256_cvtepi32_ps(a); }
-inline fv fmul(fv a, fv b) { return _mm256_mul_ps(a, b); }
-inline fv ffma(fv a, fv b, fv c) { return _mm256_fmadd_ps(a, b, c); }
-inline void fstore(float* p, fv v) { _mm256_storeu_ps(p, v); }
 #else
 using iv = int32_t;
-using fv = float;
-constexpr int64_t kRowLanes = 1;
 inline iv iload(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
 }
-inline iv iset(int32_t v) { return v; }
-inline iv iadd(iv a, iv b) { return a + b; }
-inline iv isub(iv a, iv b) { return a - b; }
-inline iv imul(iv a, iv b) { return a * b; }
 inline iv izero() { return 0; }
+inline vf tofloat(iv a) { return static_cast<float>(a); }
+inline vf vmul(vf a, vf b) { return a * b; }
 inline iv dpbusd(iv acc, iv codes, int32_t x4) {
   uint8_t c[4];
   int8_t x[4];
   std::memcpy(c, &codes, 4), std::memcpy(x, &x4, 4);
   return acc + c[0] * x[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3];
 }
-inline fv fload(const float* p) { return *p; }
-inline fv fset(float v) { return v; }
-inline fv fzero() { return 0.f; }
-inline fv tofloat(iv a) { return static_cast<float>(a); }
-inline fv fmul(fv a, fv b) { return a * b; }
-inline fv ffma(fv a, fv b, fv c) { return __builtin_fmaf(a, b, c); }
-inline void fstore(float* p, fv v) { *p = v; }
 #endif
+constexpr int64_t kRowLanes = kLanes;
 constexpr int64_t kVectors = kGroup / kRowLanes;
 
 // A group of weight rows unpacked for the dot products: codes [K/4][16 rows][4 k] (each 4 k of
@@ -491,7 +307,7 @@ void interleave(const uint8_t* rows, int64_t ld, int64_t E, uint8_t* out) {
     for (int i = 0; i < 16; ++i) std::memcpy(out + w * 64 + i * 4, rows + i * ld + w * 4, 4);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__)
 // The common types unpacked straight into the group's layout, a 32-bit word of 16 rows at a time
 // (one gather: lane r reads row r), with their parameters computed for 16 rows at once: the same
 // codes and the same float operations as `unpack`, without a pass over each row and a transpose.
@@ -620,7 +436,7 @@ bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_
 
 // Rows [n0, n0 + 16) of w (zeros past N) → g.
 void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, std::vector<uint8_t>& tmp) {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__)
   const auto [part, first] = w.locate(n0);
   const int64_t rows = std::min(kGroup, N - n0);
   if (first + rows <= part->rows && unpack_lanes(*part, first, rows, K, g)) return;
@@ -658,23 +474,23 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
 // One chunk's integer sums (per half with Scales; all in t0 otherwise) → acc: the float part,
 // the same for every way of getting the sums.
 template <bool Scales>
-inline fv accumulate(fv acc, iv t0, iv t1, const Group& g, int64_t l, const QuantizedX& xq, int64_t i) {
-  const fv dx = fset(xq.d[i]);
-  acc = ffma(tofloat(t0), fmul(fload(g.D0.get() + l), dx), acc);
+inline vf accumulate(vf acc, iv t0, iv t1, const Group& g, int64_t l, const QuantizedX& xq, int64_t i) {
+  const vf dx = vset1(xq.d[i]);
+  acc = vfma(tofloat(t0), vmul(vload(g.D0.get() + l), dx), acc);
   if constexpr (Scales) {
-    acc = ffma(tofloat(t1), fmul(fload(g.D1.get() + l), dx), acc);
-    acc = ffma(fload(g.Mn0.get() + l), fset(xq.halves[2 * i]), acc);
-    return ffma(fload(g.Mn1.get() + l), fset(xq.halves[2 * i + 1]), acc);
+    acc = vfma(tofloat(t1), vmul(vload(g.D1.get() + l), dx), acc);
+    acc = vfma(vload(g.Mn0.get() + l), vset1(xq.halves[2 * i]), acc);
+    return vfma(vload(g.Mn1.get() + l), vset1(xq.halves[2 * i + 1]), acc);
   }
-  return ffma(fload(g.Mn0.get() + l), fset(xq.s[i]), acc);
+  return vfma(vload(g.Mn0.get() + l), vset1(xq.s[i]), acc);
 }
 
 template <int R, typename T>
-void store_rows(const fv (&acc)[R][kVectors], int64_t m0, T* y, int64_t N, int64_t n0) {
+void store_rows(const vf (&acc)[R][kVectors], int64_t m0, T* y, int64_t N, int64_t n0) {
   const int64_t cols = std::min(kGroup, N - n0);
   for (int r = 0; r < R; ++r) {
     alignas(64) float out[kGroup];
-    for (int64_t v = 0; v < kVectors; ++v) fstore(out + v * kRowLanes, acc[r][v]);
+    for (int64_t v = 0; v < kVectors; ++v) vstore(out + v * kRowLanes, acc[r][v]);
     for (int64_t n = 0; n < cols; ++n) y[(m0 + r) * N + n0 + n] = static_cast<T>(out[n]);
   }
 }
@@ -683,9 +499,9 @@ void store_rows(const fv (&acc)[R][kVectors], int64_t m0, T* y, int64_t N, int64
 template <int R, bool Scales, typename T>
 void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y, int64_t N, int64_t n0) {
   const int64_t chunks = K / 32;
-  fv acc[R][kVectors];
+  vf acc[R][kVectors];
   for (int r = 0; r < R; ++r)
-    for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = fzero();
+    for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = vzero();
   for (int64_t b = 0; b < chunks; ++b) {
     const uint8_t* c = g.codes.get() + b * 32 * kGroup;
     iv dot[R][2][kVectors];
@@ -726,8 +542,8 @@ void dot_rows_amx(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T
   static_assert(kVectors == 1);
   constexpr int R = 16;
   const int64_t chunks = K / 32;
-  fv acc[R][kVectors];
-  for (int r = 0; r < R; ++r) acc[r][0] = fzero();
+  vf acc[R][kVectors];
+  for (int r = 0; r < R; ++r) acc[r][0] = vzero();
   // chunk b's sums are stored while chunk b − 1's are read: loads right after a tile store of
   // the same lines wait for it to reach the cache (no store forwarding from tiles)
   alignas(64) int32_t sums[2][2][R][kGroup];
