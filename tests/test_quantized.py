@@ -318,3 +318,12 @@ def test_the_cli_takes_a_group_size_for_int4_and_refuses_it_elsewhere(
     with pytest.raises(SystemExit) as exit_:
         main([*base, "--quantization", "int4", "--quantization-group-size", "48"])
     assert exit_.value.code == 2 and "invalid choice: 48" in capsys.readouterr().err
+
+
+def test_a_nan_or_infinite_activation_gives_nan_outputs_as_float_would() -> None:
+    blocks = torch.from_numpy(random_blocks(Q.Q4_K, (20, 512), np.random.default_rng(4)))
+    x = torch.randn(3, 512)
+    x[0, 7], x[1, 300] = float("nan"), float("inf")
+    y = kernels.quant_linear(x, [blocks], [int(Q.Q4_K)], 512)
+    assert y[:2].isnan().all() and y[2].isfinite().all()
+    assert torch.equal(y[2:], kernels.quant_linear(x[2:], [blocks], [int(Q.Q4_K)], 512))

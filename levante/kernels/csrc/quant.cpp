@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <memory>
 
 #include "gemm.h"
@@ -187,12 +189,18 @@ QuantizedX quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
     for (int64_t m = first; m < last; ++m)
       for (int64_t b = 0; b < chunks; ++b) {
         float amax = 0.f;
-        for (int l = 0; l < 32; ++l) v[l] = static_cast<float>(x[m * ldx + b * 32 + l]), amax = std::max(amax, std::abs(v[l]));
-        const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+        bool finite = true;
+        for (int l = 0; l < 32; ++l) {
+          v[l] = static_cast<float>(x[m * ldx + b * 32 + l]);
+          amax = std::max(amax, std::abs(v[l])), finite &= std::isfinite(v[l]);
+        }
+        // a NaN or infinite value makes the chunk's scale NaN, so the outputs are NaN as float's
+        const float d = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+        const float id = finite && d != 0.f ? 1.f / d : 0.f;
         int8_t* q = out.q.data() + m * K + b * 32;
         int32_t sums[2] = {0, 0};
         for (int l = 0; l < 32; ++l) {
-          q[l] = static_cast<int8_t>(std::clamp(std::nearbyint(v[l] * id), -127.f, 127.f));
+          q[l] = finite ? static_cast<int8_t>(std::clamp(std::nearbyint(v[l] * id), -127.f, 127.f)) : 0;
           sums[l / 16] += q[l];
         }
         const int64_t i = m * chunks + b;
