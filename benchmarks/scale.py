@@ -129,6 +129,7 @@ def levante(path: Path, prompt_len: int, decode: int, long_prompt: int, long_ste
     import torch
 
     from levante.engine import Engine, EngineConfig, SamplingParams
+    from levante.engine.kv_cache import KVStore
     from levante.loader import load
     from levante.tokenizer import PromptInputs
 
@@ -138,9 +139,11 @@ def levante(path: Path, prompt_len: int, decode: int, long_prompt: int, long_ste
     model = loaded.model
     weights = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-    per_token = 2 * model.config.text.num_layers * model.config.text.num_kv_heads * model.config.text.head_dim
+    text = model.config.text
+    fp8 = torch.float8_e4m3fn
+    per_token = KVStore.bytes_per_token(text.num_layers, text.num_kv_heads, text.head_dim, fp8)
     config = EngineConfig(
-        kv_cache_memory=(long_prompt + 64) * per_token / 2**30,  # fp8: one byte per value
+        kv_cache_memory=(long_prompt + 64) * per_token / 2**30,
         max_num_seqs=1,
         max_model_len=long_prompt + 64,
         kv_cache_dtype="fp8",
