@@ -115,7 +115,7 @@ def _assert_matmul(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) ->
     assert np.allclose(got, want, rtol=output_rounding, atol=output_rounding * np.abs(want).max())
     dense = x.double().numpy() @ exact.T
     assert np.linalg.norm(got - dense) < 0.009 * np.linalg.norm(dense)
-    for m in (1, 2, 5, 16, 17, 33):
+    for m in (1, 2, 4, 5, 16, 17, 33):
         assert torch.equal(kernels.quant_linear(x[-m:], [blocks], [qtype], k), full[-m:]), m
     # stacked with rows of another type (as merged projections are): the same numbers, and the same
     # bits unless a Q6_K row shares a group of 16 with another type (then its halves are summed apart)

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 
 #include "gemm.h"
 
@@ -267,8 +268,9 @@ inline iv dpbusd(iv acc, iv codes, int32_t x4) {
 constexpr int64_t kRowLanes = kLanes;
 constexpr int64_t kVectors = kGroup / kRowLanes;
 
-// A group of weight rows unpacked for the dot products: codes [K/4][16 rows][4 k] (each 4 k of
-// a row one 32-bit word, as VPDPBUSD reads them) and, per chunk [K/32][16 rows], the float factors
+// A group of weight rows unpacked for the dot products, K weights of each from the row's chunk
+// `first` on (the whole row, or one block of it): codes [K/4][16 rows][4 k] (each 4 k of a row one
+// 32-bit word, as VPDPBUSD reads them) and, per chunk [K/32][16 rows], the float factors
 // of its halves' sums, D_h = D·sc_h, and of x's sums, Mn_h = Mn − D_h·o (all exact products of
 // the block's fp16 scales and small integers). Without `scales` (no Q6_K row) the halves share one
 // factor, D0 and Mn0, applied to the whole chunk.
@@ -278,6 +280,7 @@ struct Group {
   std::unique_ptr<uint8_t[]> codes;
   std::unique_ptr<float[]> D0, D1, Mn0, Mn1;
   bool scales = false;
+  int64_t first = 0;
 
   explicit Group(int64_t K)
       : codes(new uint8_t[K * kGroup]), D0(new float[K / 32 * kGroup]), D1(new float[K / 32 * kGroup]),
@@ -335,22 +338,26 @@ inline __m512 fp16_at(__m512i w, int shift) {  // the fp16 in bits [shift, shift
 }
 inline void put(uint8_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
 
-bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_t K, Group& g) {
+// Blocks [kb0, kb1) of rows [first, first + rows) → g (from its start, g.first = kb0's first chunk).
+bool lanes_type(int64_t type) {
+  return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == Q4_K || type == Q6_K || type == Q4_1_G64 ||
+         type == Q4_1_G128;
+}
+
+bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_t kb0, int64_t kb1, Group& g) {
   const int64_t type = part.type;
-  if (type != Q4_0 && type != Q4_1 && type != Q8_0 && type != Q4_K && type != Q6_K && type != Q4_1_G64 &&
-      type != Q4_1_G128)
-    return false;
+  if (!lanes_type(type)) return false;
   __m512i starts = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                     _mm512_set1_epi32(static_cast<int32_t>(rows - 1)));  // past N: the last row again
   const RowWords w{part.data + first * part.row_bytes,
                    _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))};
   const Format f = format(type);
-  const int64_t blocks = K / f.elements;
   const __m512i low4 = _mm512_set1_epi32(0x0f0f0f0f);
-  g.scales = type == Q6_K;
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    const int64_t at = kb * f.bytes, c0 = kb * f.elements / 32;  // the block's first byte and chunk
-    uint8_t* codes = g.codes.get() + kb * f.elements * kGroup;   // 64 bytes per 4 weights of 16 rows
+  g.scales = type == Q6_K, g.first = kb0 * f.elements / 32;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    // the block's first byte, and its first chunk and codes in g
+    const int64_t at = kb * f.bytes, c0 = (kb - kb0) * f.elements / 32;
+    uint8_t* codes = g.codes.get() + c0 * 32 * kGroup;  // 64 bytes per 4 weights of 16 rows
     float *D = g.D0.get() + c0 * kGroup, *Mn = g.Mn0.get() + c0 * kGroup;
     switch (type) {
       case Q4_0:
@@ -447,9 +454,9 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
 #if defined(__AVX512F__)
   const auto [part, first] = w.locate(n0);
   const int64_t rows = std::min(kGroup, N - n0);
-  if (first + rows <= part->rows && unpack_lanes(*part, first, rows, K, g)) return;
+  if (first + rows <= part->rows && unpack_lanes(*part, first, rows, 0, K / format(part->type).elements, g)) return;
 #endif
-  g.scales = false;
+  g.scales = false, g.first = 0;
   constexpr int64_t kSpan = 256;  // weights unpacked per row before interleaving: every block type's size
   tmp.resize(kGroup * kSpan);
   Chunk p[kSpan / 32];
@@ -503,15 +510,15 @@ void store_rows(const vf (&acc)[R][kVectors], int64_t m0, T* y, int64_t N, int64
   }
 }
 
-// Rows [m0, m0 + R) of x times the group: integer sums by VPDPBUSD (or its emulation).
-template <int R, bool Scales, typename T>
-void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y, int64_t N, int64_t n0) {
+// Rows [m0, m0 + R) of x times chunks [b0, b1) of the group, into acc: integer sums by VPDPBUSD
+// (or its emulation).
+template <int R, bool Scales>
+void dot_chunks(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, int64_t b0, int64_t b1,
+                vf (&acc)[R][kVectors]) {
   const int64_t chunks = K / 32;
-  vf acc[R][kVectors];
-  for (int r = 0; r < R; ++r)
-    for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = vzero();
-  for (int64_t b = 0; b < chunks; ++b) {
-    const uint8_t* c = g.codes.get() + b * 32 * kGroup;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t local = b - g.first;
+    const uint8_t* c = g.codes.get() + local * 32 * kGroup;
     iv dot[R][2][kVectors];
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < 2; ++h)
@@ -528,10 +535,77 @@ void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y,
     }
     for (int64_t v = 0; v < kVectors; ++v)
       for (int r = 0; r < R; ++r)
-        acc[r][v] = accumulate<Scales>(acc[r][v], dot[r][0][v], dot[r][1][v], g, b * kGroup + v * kRowLanes, xq,
-                                       (m0 + r) * chunks + b);
+        acc[r][v] = accumulate<Scales>(acc[r][v], dot[r][0][v], dot[r][1][v], g, local * kGroup + v * kRowLanes,
+                                       xq, (m0 + r) * chunks + b);
   }
+}
+
+template <int R>
+void zero(vf (&acc)[R][kVectors]) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = vzero();
+}
+
+// Rows [m0, m0 + R) of x times the whole group.
+template <int R, bool Scales, typename T>
+void dot_rows(const Group& g, const QuantizedX& xq, int64_t m0, int64_t K, T* y, int64_t N, int64_t n0) {
+  vf acc[R][kVectors];
+  zero(acc);
+  dot_chunks<R, Scales>(g, xq, m0, K, 0, K / 32, acc);
   store_rows<R>(acc, m0, y, N, n0);
+}
+
+constexpr int kRows = 4;       // rows of x per pass over a group's codes
+constexpr int64_t kStream = 16;  // rows of x up to which the weights stream (below AMX's tile)
+
+// Rows [m, m + R) of acc, as dot_chunks and store_rows take them.
+template <int R>
+vf (&rows_at(vf (*acc)[kVectors], int64_t m))[R][kVectors] {
+  return *reinterpret_cast<vf(*)[R][kVectors]>(acc + m);
+}
+
+#if defined(__AVX512F__)
+// M < kStream rows of x (decode, a few sequences) times rows [n0, n0 + 16) of one part, a block at
+// a time: each block's codes go from the weights to the dot products through the L1 cache
+// (`block`, one block's Group) instead of through a whole row's Group, so reading the weights
+// overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
+// same order, as dot_rows: the same bits.
+template <bool Scales, typename T>
+void dot_streamed(const Weights::Part& part, int64_t first, int64_t rows, const QuantizedX& xq, int64_t M, int64_t K,
+                  T* y, int64_t N, int64_t n0, Group& block) {
+  const int64_t per = format(part.type).elements / 32;  // chunks per block
+  vf acc[kStream][kVectors];
+  zero(rows_at<kStream>(acc, 0));
+  for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
+    unpack_lanes(part, first, rows, kb, kb + 1, block);
+    const int64_t b0 = kb * per, b1 = b0 + per;
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows) dot_chunks<kRows, Scales>(block, xq, m, K, b0, b1, rows_at<kRows>(acc, m));
+    switch (M - m) {
+      case 3: dot_chunks<3, Scales>(block, xq, m, K, b0, b1, rows_at<3>(acc, m)); break;
+      case 2: dot_chunks<2, Scales>(block, xq, m, K, b0, b1, rows_at<2>(acc, m)); break;
+      case 1: dot_chunks<1, Scales>(block, xq, m, K, b0, b1, rows_at<1>(acc, m)); break;
+      default: break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) store_rows<1>(rows_at<1>(acc, m), m, y, N, n0);
+}
+#endif
+
+// All M < kStream rows of x times rows [n0, n0 + 16) by dot_streamed, where the group's rows are
+// of one part and a type unpack_lanes takes; false (nothing done) elsewhere.
+template <typename T>
+bool stream_group(const Weights& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0,
+                  Group& block) {
+#if defined(__AVX512F__)
+  const auto [part, first] = w.locate(n0);
+  const int64_t rows = std::min(kGroup, N - n0);
+  if (M >= kStream || first + rows > part->rows || !lanes_type(part->type)) return false;
+  (part->type == Q6_K ? dot_streamed<true, T> : dot_streamed<false, T>)(*part, first, rows, xq, M, K, y, N, n0, block);
+  return true;
+#else
+  return false;
+#endif
 }
 
 #if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
@@ -596,7 +670,6 @@ void dot_group(const Group& g, const QuantizedX& xq, int64_t M, int64_t K, T* y,
 #else
   (void)amx;
 #endif
-  constexpr int kRows = 4;  // rows of x per pass over the group's codes
   for (; m + kRows <= M; m += kRows) dot_rows<kRows, Scales>(g, xq, m, K, y, N, n0);
   switch (M - m) {
     case 3: return dot_rows<3, Scales>(g, xq, m, K, y, N, n0);
@@ -618,10 +691,13 @@ void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N
 #if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
     if (amx) amx_configure_int8();
 #endif
-    Group g(K);
+    std::optional<Group> whole;  // allocated where a group does not stream
+    Group block(256);                // the largest block
     std::vector<uint8_t> tmp;
     for (int64_t i = first; i < last; ++i) {
       const int64_t n0 = i * kGroup;
+      if (stream_group(w, xq, M, K, y, N, n0, block)) continue;
+      Group& g = whole ? *whole : whole.emplace(K);
       unpack_group(w, n0, N, K, g, tmp);
       g.scales ? dot_group<true>(g, xq, M, K, y, N, n0, amx) : dot_group<false>(g, xq, M, K, y, N, n0, amx);
     }
