@@ -15,6 +15,7 @@ from levante.distributed import tensor_parallel
 from levante.errors import CheckpointError, LevanteError
 from levante.model import Model, build_model
 from levante.model.quantized import QuantLinear, quantizer
+from levante.model.weight_only import use_weight_only_kernels
 from levante.tokenizer import Tokenizer, load_tokenizer
 from levante.weights import load_weights, open_checkpoint
 from levante.weights.hub import resolve
@@ -76,13 +77,16 @@ def load_model(
     # GGUF matrices stay quantized where Levante's CPU kernels compute with them (a tensor-parallel
     # rank too: its share is sliced out of the blocks)
     kernels_run = device == "cpu" and dtype in ("float32", "bfloat16") and kernels.load()
-    if quantization is not None and not kernels_run:
+    # on a GPU, torch's weight-only kernels (tinygemm int4, int8 per row) take bfloat16 activations
+    weight_only = torch.device(device).type == "cuda" and dtype == "bfloat16"
+    if quantization is not None and not (kernels_run or weight_only):
         raise LevanteError(
-            "--quantization runs on Levante's CPU kernels: --device cpu, --dtype float32 or bfloat16, "
-            "and a C++ compiler"
+            "--quantization runs on Levante's CPU kernels (--device cpu, --dtype float32 or bfloat16, "
+            "and a C++ compiler) or on a GPU's weight-only kernels (--device cuda --dtype bfloat16)"
         )
     transform = quantizer(quantization) if quantization is not None else None
-    checkpoint = open_checkpoint(resolve(str(path)), keep_quantized=quantized and kernels_run, mmproj=mmproj)
+    keep = quantized and (kernels_run or weight_only)
+    checkpoint = open_checkpoint(resolve(str(path)), keep_quantized=keep, mmproj=mmproj)
     with torch.device("meta"):
         model = build_model(checkpoint.config)
     if world > 1:  # this rank's modules, and only its slices of the weights
@@ -91,8 +95,11 @@ def load_model(
         model, checkpoint, dtype=DTYPES[dtype], device=device, progress=progress, transform=transform
     )
     model.prepare()
-    quantized_layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    kept = f"; {len(quantized_layers)} projections on quantized weights" if quantized_layers else ""
+    if weight_only:  # the blocks the file maps go to the GPU as the weight-only kernels take them
+        quantized_layers = use_weight_only_kernels(model, device)
+    else:
+        quantized_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    kept = f"; {quantized_layers} projections on quantized weights" if quantized_layers else ""
     log.info("loaded %s (%s) as %s on %s%s", path, checkpoint.describe(), dtype, device, kept)
     return model.eval()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 from torch import nn
 
 from levante import kernels
@@ -50,7 +50,12 @@ class QuantizedTensor:
         return replace(self, blocks=blocks)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return kernels.dequantize(self.blocks, self.qtype, self.cols, dtype)
+        """The weights as gguf's reference dequantizer gives them (by Levante's kernel where it
+        builds, else by gguf's own code, which knows the file types)."""
+        if kernels.load():
+            return kernels.dequantize(self.blocks, self.qtype, self.cols, dtype)
+        values = dequantize(self.blocks.cpu().numpy(), GGMLQuantizationType(self.qtype))
+        return torch.from_numpy(values.reshape(self.shape)).to(dtype)
 
     def narrow(self, dim: int, start: int, length: int) -> QuantizedTensor:
         """Rows [start, start + length) (dim 0), or columns (dim 1) where both ends fall on block

@@ -23,7 +23,9 @@ def _replace(model: nn.Module, name: str, value: nn.Parameter) -> None:
     setattr(model.get_submodule(module), attr, value)
 
 
-def _place(model: nn.Module, name: str, tensor: QuantizedTensor, dtype: torch.dtype) -> None:
+def _place(
+    model: nn.Module, name: str, tensor: QuantizedTensor, dtype: torch.dtype, device: torch.device | str
+) -> None:
     """A quantized weight takes over its module where one exists for it, else is dequantized."""
     path, _, attr = name.rpartition(".")
     owner = model.get_submodule(path)
@@ -33,7 +35,7 @@ def _place(model: nn.Module, name: str, tensor: QuantizedTensor, dtype: torch.dt
     elif attr == "weight" and type(owner) is nn.Embedding:
         setattr(model.get_submodule(parent), child, QuantEmbedding(tensor, dtype))
     else:
-        _replace(model, name, nn.Parameter(tensor.dequantize(dtype), requires_grad=False))
+        _replace(model, name, nn.Parameter(tensor.dequantize(dtype).to(device), requires_grad=False))
 
 
 def load_weights(
@@ -75,7 +77,7 @@ def load_weights(
         if transform is not None and not isinstance(tensor, QuantizedTensor):
             tensor = transform(entry.name, tensor)
         if isinstance(tensor, QuantizedTensor):
-            _place(model, entry.name, tensor, dtype)
+            _place(model, entry.name, tensor, dtype, device)
         else:
             value = tensor.to(device=device, dtype=dtype)
             _replace(model, entry.name, nn.Parameter(value, requires_grad=False))
