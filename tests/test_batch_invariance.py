@@ -25,6 +25,7 @@ from levante.engine import EngineConfig, SamplingParams
 from levante.engine.engine import Engine
 from levante.engine.kv_cache import KVStore
 from levante.loader import LoadedModel, demo_model_path, load
+from levante.model.layers import RMSNorm
 from levante.tokenizer import PromptInputs
 
 PREFIX = " ".join(question(100 + i) for i in range(10))  # 600+ tokens in both vocabularies
@@ -184,6 +185,26 @@ def test_linear_kernel_rows_are_the_same_bits_in_any_batch(dtype: torch.dtype, f
     exact = x.double() @ w.double().T
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(full.double(), exact, atol=tol * features**0.5, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("features", [576, 100, 5120])
+def test_rms_norm_kernel_rows_are_the_same_bits_in_any_batch(dtype: torch.dtype, features: int) -> None:
+    """Row r alone, in any batch; within the dtype's rounding of float64's norm (the normed value
+    is rounded to the dtype before the weight's product, as the module does), and within two of
+    the dtype's ulps of the module's own result."""
+    assert kernels.load()
+    gen = torch.Generator().manual_seed(features)
+    x = (torch.randn(70, features, generator=gen) * 3).to(dtype)
+    norm = RMSNorm(features, 1e-5)
+    norm.weight.data = (torch.rand(features, generator=gen) + 0.5).to(dtype)
+    full = kernels.rms_norm(x, norm.weight, norm.eps)
+    for m in (1, 2, 5, 17):
+        assert torch.equal(kernels.rms_norm(x[-m:], norm.weight, norm.eps), full[-m:]), m
+    exact = norm.weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-22
+    torch.testing.assert_close(full.double(), exact, rtol=2 * ulp, atol=0)
+    torch.testing.assert_close(full, norm(x), rtol=2 * ulp, atol=0)
 
 
 FORCED = {  # each: the build it must give, and what forces it

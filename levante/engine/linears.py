@@ -1,8 +1,9 @@
-"""Which kernel runs the decoder's linear layers: a transform on a loaded model, applied once by
-the engine that serves it (the model files know nothing of it).
+"""Which kernel runs the decoder's linear layers and norms: a transform on a loaded model, applied
+once by the engine that serves it (the model files know nothing of it).
 
 Batch-invariant mode puts every decoder projection and the LM head on Levante's own kernel
-(`kernels.linear`), whose result for a row is the same bits whatever else is in the batch. The
+(`kernels.linear`), and the norms on `kernels.rms_norm`, whose result for a row is the same bits
+whatever else is in the batch. The
 library kernels are not: MKL (float32) and oneDNN (bfloat16) choose blockings by the number of
 rows, and measured here even a row's place within the same batch size changes its bits. Without
 the mode, bfloat16 weights on CPU are packed for oneDNN once instead of on every call."""
@@ -14,7 +15,7 @@ from torch import nn
 
 from levante import kernels
 from levante.model import Model
-from levante.model.layers import PackedLinear, pack_linears
+from levante.model.layers import PackedLinear, RMSNorm, pack_linears
 
 
 class KernelLinear(nn.Module):
@@ -29,6 +30,18 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.out_features)
+
+
+class KernelRMSNorm(nn.Module):
+    """An RMSNorm computed by `kernels.rms_norm`: the sum of squares in a fixed order per row (the
+    same bits in any batch), in one call."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def _children(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -48,6 +61,8 @@ def use_linear_kernels(model: Model, batch_invariant: bool) -> bool:
                 raise ValueError("this model's weights were packed for oneDNN; load it again")
             if isinstance(child, nn.Linear):
                 setattr(parent, name, KernelLinear(child))
+            elif isinstance(child, RMSNorm):
+                setattr(parent, name, KernelRMSNorm(child))
             elif hasattr(child, "kernel"):
                 child.kernel = kernels.linear
         return True

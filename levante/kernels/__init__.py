@@ -1,4 +1,4 @@
-"""Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `paged_attention`),
+"""Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `rms_norm`, `paged_attention`),
 compiled from `csrc/` at first use and registered with torch.library.
 
 The build is keyed by the instruction set it targets, so a cache shared between machines never
@@ -101,6 +101,12 @@ def quant_linear(
     type in `qtypes` ([rows, bytes per row] uint8), by integer dot products with x rounded to int8
     per 32 values (llama.cpp's arithmetic; see csrc/quant.cpp): a row's bits depend on it alone."""
     return torch.ops.levante.quant_linear(x, blocks, qtypes, in_features)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight · dtype(x / sqrt(mean(x²) + eps)), x's sum of squares in float32 in an order fixed
+    per row (see csrc/norm.cpp): the same bits in any batch."""
+    return torch.ops.levante.rms_norm(x, weight, eps)
 
 
 def dequantize(blocks: torch.Tensor, qtype: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
