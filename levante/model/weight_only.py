@@ -14,11 +14,14 @@ here), where torch's `_for_cpu` int4 kernel takes its own packing."""
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from levante.model.quantized import BLOCKS, INT4_GROUPS, QuantEmbedding, QuantizedTensor, QuantLinear
 
-Q4_0, Q4_1, Q4_K = 2, 3, 12
+Q4_0, Q4_1, Q4_K = (
+    int(t) for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+)
 INT4_TYPES = {Q4_0, Q4_1, Q4_K, *INT4_GROUPS.values()}
 
 

@@ -338,19 +338,22 @@ inline __m512 fp16_at(__m512i w, int shift) {  // the fp16 in bits [shift, shift
 }
 inline void put(uint8_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
 
-// Blocks [kb0, kb1) of rows [first, first + rows) → g (from its start, g.first = kb0's first chunk).
 bool lanes_type(int64_t type) {
   return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == Q4_K || type == Q6_K || type == Q4_1_G64 ||
          type == Q4_1_G128;
 }
 
-bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_t kb0, int64_t kb1, Group& g) {
-  const int64_t type = part.type;
-  if (!lanes_type(type)) return false;
-  __m512i starts = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                    _mm512_set1_epi32(static_cast<int32_t>(rows - 1)));  // past N: the last row again
-  const RowWords w{part.data + first * part.row_bytes,
-                   _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))};
+// Rows [first, first + rows) of a part, one per lane (past its last row: the last row again).
+RowWords row_words(const Weights::Part& part, int64_t first, int64_t rows) {
+  const __m512i starts = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(rows - 1)));
+  return {part.data + first * part.row_bytes,
+          _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))};
+}
+
+// Blocks [kb0, kb1) of the rows w reads, of a type lanes_type takes → g (from its start,
+// g.first = kb0's first chunk).
+void unpack_lanes(int64_t type, const RowWords& w, int64_t kb0, int64_t kb1, Group& g) {
   const Format f = format(type);
   const __m512i low4 = _mm512_set1_epi32(0x0f0f0f0f);
   g.scales = type == Q6_K, g.first = kb0 * f.elements / 32;
@@ -445,7 +448,6 @@ bool unpack_lanes(const Weights::Part& part, int64_t first, int64_t rows, int64_
       }
     }
   }
-  return true;
 }
 #endif
 
@@ -454,7 +456,8 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
 #if defined(__AVX512F__)
   const auto [part, first] = w.locate(n0);
   const int64_t rows = std::min(kGroup, N - n0);
-  if (first + rows <= part->rows && unpack_lanes(*part, first, rows, 0, K / format(part->type).elements, g)) return;
+  if (first + rows <= part->rows && lanes_type(part->type))
+    return unpack_lanes(part->type, row_words(*part, first, rows), 0, K / format(part->type).elements, g);
 #endif
   g.scales = false, g.first = 0;
   constexpr int64_t kSpan = 256;  // weights unpacked per row before interleaving: every block type's size
@@ -574,10 +577,11 @@ template <bool Scales, typename T>
 void dot_streamed(const Weights::Part& part, int64_t first, int64_t rows, const QuantizedX& xq, int64_t M, int64_t K,
                   T* y, int64_t N, int64_t n0, Group& block) {
   const int64_t per = format(part.type).elements / 32;  // chunks per block
+  const RowWords w = row_words(part, first, rows);
   vf acc[kStream][kVectors];
   zero(rows_at<kStream>(acc, 0));
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
-    unpack_lanes(part, first, rows, kb, kb + 1, block);
+    unpack_lanes(part.type, w, kb, kb + 1, block);
     const int64_t b0 = kb * per, b1 = b0 + per;
     int64_t m = 0;
     for (; m + kRows <= M; m += kRows) dot_chunks<kRows, Scales>(block, xq, m, K, b0, b1, rows_at<kRows>(acc, m));
