@@ -8,6 +8,7 @@ import importlib
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,7 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         loop_guard=LOOP_GUARD_ON if args.loop_guard else None,
         batch_invariant=not args.no_batch_invariant,
         kv_cache_dtype=args.kv_cache_dtype,
+        compile=not args.enforce_eager,
         **extra,
     )
 
@@ -259,6 +261,12 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("LEVANTE_ENFORCE_EAGER", "") not in ("", "0"),
+        help="run the step eagerly instead of compiling it at start (default from LEVANTE_ENFORCE_EAGER=1)",
+    )
     p.add_argument(
         "--no-batch-invariant",
         action="store_true",

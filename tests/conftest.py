@@ -24,6 +24,10 @@ from levante.loader import demo_model_path
 from levante.testing import write_model_dir
 from levante.testing.checkpoints import TinySpec
 
+# The suite starts dozens of short-lived CLI engines and servers: they run eagerly (the reference)
+# unless a test passes --no-enforce-eager; test_compiled checks the compiled step against them.
+os.environ.setdefault("LEVANTE_ENFORCE_EAGER", "1")
+
 
 def healthy_init(model: torch.nn.Module, seed: int) -> None:
     """Random weights with unit-scale activations, so logits are far apart and a parity test

@@ -123,3 +123,24 @@ def test_a_paged_row_is_the_same_bits_whatever_else_is_attended(dtype: torch.dty
     mixed = random_step(torch.Generator().manual_seed(9), store, [(0, 37), (5, 1), (0, 32)], all_paged=True)
     backend.layout = mixed
     assert torch.equal(backend(0, q, k, v)[:37], whole)
+
+
+@pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_kernel_stores_what_the_pytorch_write_stores(dtype: torch.dtype, cache: torch.dtype) -> None:
+    """One layer's k/v at scattered slots, the kernel's write (`levante::write_kv`, one call for k and
+    v) against `KVStore.write`: the same bits, fp8 saturated at its largest finite value (k and v
+    here reach ±1e5, past both formats' range), k a slice of a wider projection."""
+    if not kernels.load():
+        pytest.skip("no C++ compiler")
+    gen = torch.Generator().manual_seed(3)
+    stores = [KVStore(3, 4, BLOCK, HKV, D, cache, "cpu") for _ in range(2)]
+    qkv = (torch.randn(5, 2 * HKV, D, generator=gen) * 3e4).to(dtype)
+    k, v = qkv[:, :HKV], qkv[:, HKV:]
+    slots = torch.tensor([3, 17, 40, 63, 0])
+    stores[0].write(1, slots, k, v)
+    torch.ops.levante.write_kv(stores[1].k, stores[1].v, 1, slots, k, v)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[stores[0].k.element_size()]
+    for a, b in ((stores[0].k, stores[1].k), (stores[0].v, stores[1].v)):
+        assert torch.equal(a.view(width), b.view(width))
+        assert a[1].float().abs().amax() > 0 and a[[0, 2]].float().abs().amax() == 0  # layer 1 only

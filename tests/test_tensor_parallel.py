@@ -169,10 +169,12 @@ def test_three_kv_heads_split_two_to_one_and_the_rest_in_half(demo_tp1: LLM) -> 
 
 
 def test_served_with_tensor_parallel_2(tiny_mistral: Path, tiny_tp1: LLM, tmp_path: Path) -> None:
-    """The real entry point: `levante serve --tensor-parallel-size 2` spawns its worker, answers the
-    openai client as TP=1 does, reports each rank's share, and exits cleanly on SIGTERM."""
+    """The real entry point: `levante serve --tensor-parallel-size 2` spawns its worker, compiles the
+    step on both ranks, answers the openai client as TP=1 (eager) does, reports each rank's share,
+    and exits cleanly on SIGTERM."""
     args = ["--model", str(tiny_mistral), "--dtype", "float32", "--tensor-parallel-size", "2"]
-    args += ["--kv-cache-memory", "0.05", "--max-model-len", "1024", "--served-model-name", "tp"]
+    args += ["--no-enforce-eager", "--kv-cache-memory", "0.05", "--max-model-len", "1024"]
+    args += ["--served-model-name", "tp"]
     log = tmp_path / "server.log"
     messages = [{"role": "user", "content": "Tell me a story about rivers."}]
     with running(args, log) as server:
@@ -184,6 +186,7 @@ def test_served_with_tensor_parallel_2(tiny_mistral: Path, tiny_tp1: LLM, tmp_pa
     assert server.proc.returncode == 0 and "Traceback" not in text, text[-3000:]
     assert answer.choices[0].message.content == tiny_tp1.generate([messages], GREEDY)[0].outputs[0].text
     share = r"rank (\d) of 2 holds \d+ of the model's \d+ parameters: (\d+) of the (\d+) sharded"
+    assert len(re.findall(r"compiled the step in", text)) == 2, text[-3000:]
     held = re.findall(share, text)
     assert sorted(r for r, _, _ in held) == ["0", "1"]
     assert all(2 * int(mine) == int(total) for _, mine, total in held)

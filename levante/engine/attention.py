@@ -41,7 +41,7 @@ class TorchPagedAttention:
         layout = self.layout
         assert layout is not None, "set the batch layout before the forward"
         kc, vc = self.store.k[layer], self.store.v[layer]  # [Hkv, slots, D]
-        self.store.write(layer, layout.slots, k, v)
+        self._write(layer, layout.slots, k, v)
         out = q.new_empty(q.shape)  # dense even when q is a slice of a wider projection
         for start, n, ctx in layout.prefills:
             if ctx is None and kc.dtype == k.dtype:  # nothing cached before: its own k/v are the context
@@ -53,6 +53,9 @@ class TorchPagedAttention:
         if layout.rows.numel():
             self._paged(q, kc, vc, layout, out)
         return out
+
+    def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.store.write(layer, slots, k, v)
 
     def _paged(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout, out: torch.Tensor
@@ -78,7 +81,12 @@ class TorchPagedAttention:
 class CpuPagedAttention(TorchPagedAttention):
     """Same writes and prefill path as the pure-PyTorch backend; paged rows go to Levante's CPU
     kernel, which walks each row's block table instead of gathering a padded copy per layer, and
-    whose result for a row depends on that row alone."""
+    whose result for a row depends on that row alone. K/V are written by one kernel call per layer,
+    which a compiled step turns into an in-place write (an indexed assignment into a layer's view of
+    the cache would be traced as a copy of the whole cache)."""
+
+    def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        torch.ops.levante.write_kv(self.store.k, self.store.v, layer, slots, k, v)
 
     def _paged(
         self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, layout: BatchLayout, out: torch.Tensor

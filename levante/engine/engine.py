@@ -16,6 +16,7 @@ import llguidance as llg
 import torch
 
 from levante.distributed import tensor_parallel
+from levante.engine.compiled import compile_runner
 from levante.engine.grammar import GrammarError, Grammars
 from levante.engine.guard import repeating_tail
 from levante.engine.kv_cache import BlockManager, KVStore
@@ -51,6 +52,10 @@ class EngineConfig:
     batch_invariant: bool = True  # a token's logits independent of the rest of the batch (see linears)
     loop_guard: RepetitionDetection | None = None  # applied to requests that do not set their own
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2
+    # the step compiled at start (see `compiled`); the library's default stays eager, the reference
+    # (and the test suite's engines start in a second, not a compile's quarter minute); the CLI
+    # compiles unless --enforce-eager, as vLLM
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -404,7 +409,10 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
         text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, kv_dtype, weight.device
     )
     invariant = use_linear_kernels(model, config.batch_invariant)
-    return Runner(model, store, config.block_size, publish, invariant)
+    runner = Runner(model, store, config.block_size, publish, invariant)
+    if config.compile:
+        compile_runner(runner, config.max_num_seqs)
+    return runner
 
 
 def _num_blocks(model: Model, config: EngineConfig, per_token: int, device: torch.device) -> int:

@@ -128,7 +128,9 @@ class BlockManager:
 class KVStore:
     """The K/V tensors themselves: per layer [kv heads, slots, head_dim], slot = block * size +
     offset. Head-major, so that gathering a block is one contiguous copy per head and the
-    gathered keys feed batched matmuls without another copy."""
+    gathered keys feed batched matmuls without another copy. One block past `num_blocks` belongs to
+    no sequence: `scratch` is where rows that only pad a step to a fixed size (a CUDA graph's
+    bucket, a compile's warm-up) write."""
 
     def __init__(
         self,
@@ -140,8 +142,9 @@ class KVStore:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        shape = (num_layers, num_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.scratch = num_blocks
         # zeros, not empty: batched decode reads (and masks) the unused tail of each row's last
         # block, and masked weights times NaN garbage would still be NaN
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -150,12 +153,26 @@ class KVStore:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores one layer's new k, v [T, Hkv, D] at `slots`. An fp8 cache saturates: values past
         the format's largest finite one (448 in e4m3, 57344 in e5m2) are stored as it, not as inf."""
-        for cache, x in ((self.k[layer], k), (self.v[layer], v)):
-            if cache.element_size() == 1:
-                top = torch.finfo(cache.dtype).max
-                x = x.clamp(-top, top)
-            cache[:, slots] = x.transpose(0, 1).to(cache.dtype)
+        torch.ops.levante_kv.write(self.k, self.v, layer, slots, k, v)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+@torch.library.custom_op("levante_kv::write", mutates_args=("k_cache", "v_cache"))
+def _write(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """`KVStore.write` as one operator over the whole caches, so a compiled step writes its slots in
+    place (an indexed assignment into a layer's view of the cache traces as a copy of the cache)."""
+    for cache, x in ((k_cache[layer], k), (v_cache[layer], v)):
+        if cache.element_size() == 1:
+            top = torch.finfo(cache.dtype).max
+            x = x.clamp(-top, top)
+        cache[:, slots] = x.transpose(0, 1).to(cache.dtype)

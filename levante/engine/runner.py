@@ -52,6 +52,9 @@ class Runner:
         self.attention = paged_attention(store)
         self.batch_invariant = batch_invariant and isinstance(self.attention, CpuPagedAttention)
         self.image_token_id = model.config.image_token_id if model.vision is not None else None
+        # steps whose rows are all paged and hold no image rows (every decode step; in batch-invariant
+        # mode every text step): `forward` itself, or its compiled version (see `compiled`)
+        self.paged: Callable[..., torch.Tensor] = self.forward
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -107,18 +110,39 @@ class Runner:
         """One forward over a planned step: what every tensor-parallel rank runs in lockstep."""
         width = max(map(len, step.tables), default=0)
         tables = [t + [0] * (width - len(t)) for t in step.tables]
-        prefills = [(row, n, None if past is None else self._tensor(past)) for row, n, past in step.prefills]
-        self.attention.layout = BatchLayout(
-            slots=self._tensor(step.slots),
-            prefills=prefills,
-            rows=self._tensor(step.paged_rows),
-            seqs=self._tensor(step.paged_seqs),
-            tables=self._tensor(tables).view(len(tables), width),
-            lens=self._tensor(step.paged_lens),
+        args = (
+            self._tensor(step.ids),
+            self._tensor(step.positions),
+            self._tensor(step.slots),
+            self._tensor(step.paged_rows),
+            self._tensor(step.paged_seqs),
+            self._tensor(tables).view(len(tables), width),
+            self._tensor(step.paged_lens),
+            self._tensor(step.keep),
         )
+        if not step.prefills and step.images is None:
+            return self.paged(*args)
+        prefills = [(row, n, None if past is None else self._tensor(past)) for row, n, past in step.prefills]
         images = None if step.images is None else step.images.to(self.device)
-        hidden = self.model(self._tensor(step.ids), self._tensor(step.positions), self.attention, images)
-        return self.model.logits(hidden[self._tensor(step.keep)])
+        return self.forward(*args, prefills, images)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        rows: torch.Tensor,
+        seqs: torch.Tensor,
+        tables: torch.Tensor,
+        lens: torch.Tensor,
+        keep: torch.Tensor,
+        prefills: list[tuple[int, int, torch.Tensor | None]] | None = None,
+        images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The model over one step's tensors (see `BatchLayout`), logits at the `keep` rows."""
+        self.attention.layout = BatchLayout(slots, prefills or [], rows, seqs, tables, lens)
+        hidden = self.model(ids, positions, self.attention, images)
+        return self.model.logits(hidden[keep])
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,5 +1,6 @@
-"""Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `rms_norm`, `paged_attention`),
-compiled from `csrc/` at first use and registered with torch.library.
+"""Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `rms_norm`, `paged_attention`,
+`write_kv`), compiled from `csrc/` at first use and registered with torch.library (with fake
+implementations, so torch.compile traces through them).
 
 The build is keyed by the instruction set it targets, so a cache shared between machines never
 hands one CPU another's code: the machine's own (`-march=native`, keyed by its CPU flags), or a
@@ -76,8 +77,26 @@ def load() -> bool:
                 continue
             log.warning("Levante's CPU kernels are unavailable (%s); using library kernels", exc)
             return False
+    _register_fakes()
     log.info("CPU kernels built for %s", name)
     return True
+
+
+def _register_fakes() -> None:
+    """Output shapes of the operators for torch.compile, which traces a graph through them without
+    running them (the in-place ones need none: they return nothing)."""
+
+    @torch.library.register_fake("levante::linear")
+    def _(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("levante::quant_linear")
+    def _(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], in_features: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], sum(b.shape[0] for b in blocks))
+
+    @torch.library.register_fake("levante::rms_norm")
+    def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,57 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   }
 }
 
+// Stores one layer's new k, v [T, Hkv, D] at their cache slots (caches [layers, Hkv, slots, D]); an fp8
+// cache saturates at its largest finite value, as `KVStore.write` does. The whole caches and the layer
+// index are passed, not the layer's view, so a compiled graph mutates its input in place.
+void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer, const at::Tensor& slots,
+              const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.is_contiguous());
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "write_kv: k and v heads must be dense");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type());
+  const int64_t tokens = k.size(0), hkv = k.size(1), d = k.size(2), n = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == hkv && k_cache.size(3) == d && v.sizes() == k.sizes());
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto run = [&](auto* xp, auto* cp) {
+    using X = std::remove_pointer_t<decltype(xp)>;
+    using C = std::remove_pointer_t<decltype(cp)>;
+    const float top = sizeof(C) == 1 ? static_cast<float>(std::numeric_limits<C>::max())
+                                     : std::numeric_limits<float>::infinity();
+    for (const auto& [src, cache] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
+      const X* x = src->template data_ptr<X>();
+      C* c = cache->template data_ptr<C>() + layer * hkv * n * d;
+      for (int64_t t = 0; t < tokens; ++t) {
+        TORCH_CHECK(slot[t] >= 0 && slot[t] < n, "write_kv: slot ", slot[t], " out of range");
+        for (int64_t h = 0; h < hkv; ++h) {
+          const X* row = x + t * src->stride(0) + h * src->stride(1);
+          C* dst = c + (h * n + slot[t]) * d;
+          for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<C>(std::min(std::max(static_cast<float>(row[i]), -top), top));
+        }
+      }
+    }
+  };
+  auto with_cache = [&](auto* xp) {
+    switch (k_cache.scalar_type()) {
+      case at::kFloat8_e4m3fn: return run(xp, static_cast<c10::Float8_e4m3fn*>(nullptr));
+      case at::kFloat8_e5m2: return run(xp, static_cast<c10::Float8_e5m2*>(nullptr));
+      case at::kBFloat16: return run(xp, static_cast<c10::BFloat16*>(nullptr));
+      default:
+        TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "write_kv: a float32, bfloat16 or fp8 cache");
+        return run(xp, static_cast<float*>(nullptr));
+    }
+  };
+  if (k.scalar_type() == at::kBFloat16) {
+    with_cache(static_cast<c10::BFloat16*>(nullptr));
+  } else {
+    TORCH_CHECK(k.scalar_type() == at::kFloat, "write_kv: float32 or bfloat16 k and v");
+    with_cache(static_cast<float*>(nullptr));
+  }
+}
+
 }  // namespace
 }  // namespace levante
 
-TORCH_LIBRARY_IMPL(levante, CPU, m) { m.impl("paged_attention", &levante::paged_attention); }
+TORCH_LIBRARY_IMPL(levante, CPU, m) {
+  m.impl("paged_attention", &levante::paged_attention);
+  m.impl("write_kv", &levante::write_kv);
+}

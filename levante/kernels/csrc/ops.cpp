@@ -11,4 +11,5 @@ TORCH_LIBRARY(levante, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor seqs, Tensor tables, "
       "Tensor lens, int block_size, Tensor(a!) out) -> ()");
+  m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
 }

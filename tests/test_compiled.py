@@ -1,0 +1,146 @@
+"""The compiled step (`levante.engine.compiled`) against the eager one it replaces: the same greedy
+tokens for 32 mixed chats on the demo model (its GGUF blocks, bfloat16) and on a tiny Mistral3 with
+images, with requests joining and leaving mid-run, grammar-constrained requests, preemption, and
+steps padded to CUDA-graph buckets (run here on CPU); a failing compile and `--enforce-eager` leave
+the engine eager with one log line. Tensor parallelism compiled: `test_tensor_parallel`'s server."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import data_url, question
+
+from levante import kernels
+from levante.cli import main
+from levante.engine import EngineConfig, SamplingParams
+from levante.engine.compiled import CompiledStep, buckets
+from levante.engine.engine import Engine
+from levante.engine.grammar import json_schema_grammar
+from levante.loader import LoadedModel, demo_model_path, load
+from levante.tokenizer import PromptInputs
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="compiling needs a C++ compiler, as kernels do")
+
+ANSWER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}
+
+
+def chats(loaded: LoadedModel, images: bool) -> list[PromptInputs]:
+    """32 chats of 3 to 120 words, some with a system prompt or an earlier turn; with `images`,
+    every fifth holds one."""
+    out = []
+    for i in range(32):
+        content: list[dict] = [{"type": "text", "text": question(i)}]
+        if images and i % 5 == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": data_url(28 + 4 * i, 28, i)}})
+        messages = [{"role": "user", "content": content}]
+        if i % 3 == 1:
+            messages.insert(0, {"role": "system", "content": "Answer briefly."})
+        if i % 7 == 2:
+            messages[-1:-1] = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+        out.append(loaded.tokenizer.encode_chat(messages))
+    return out
+
+
+def params(i: int) -> SamplingParams:
+    """Greedy, 3 to 24 tokens (so requests leave while others run); every fourth bound to a JSON
+    schema by its grammar."""
+    grammar = json_schema_grammar(ANSWER) if i % 4 == 3 else None
+    tokens = 3 + (7 * i) % 22
+    return SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=grammar is None, grammar=grammar)
+
+
+def run(engine: Engine, inputs: list[PromptInputs]) -> list[list[int]]:
+    tokens: dict[str, list[int]] = {}
+    for i, prompt in enumerate(inputs):
+        tokens[f"r{i}"] = []
+        engine.add_request(f"r{i}", prompt, params(i))
+    while engine.has_unfinished():
+        for delta in engine.step():
+            tokens[delta.request_id] += delta.token_ids
+    return [tokens[f"r{i}"] for i in range(len(inputs))]
+
+
+@pytest.fixture(scope="module", params=["demo", "tiny_mistral3"])
+def loaded(request: pytest.FixtureRequest) -> LoadedModel:
+    if request.param == "demo":
+        return load(demo_model_path(), dtype="bfloat16", progress=False)
+    return load(request.getfixturevalue("tiny_mistral"), dtype="float32", progress=False)
+
+
+def engine(loaded: LoadedModel, compile: bool, **config: object) -> Engine:
+    settings = dict(kv_cache_memory=0.05, max_num_seqs=8, max_num_batched_tokens=256, compile=compile)
+    return Engine(loaded.model, loaded.tokenizer, EngineConfig(**{**settings, **config}))  # type: ignore[arg-type]
+
+
+def test_compiled_step_gives_the_eager_tokens(loaded: LoadedModel) -> None:
+    inputs = chats(loaded, images=loaded.model.vision is not None)
+    eager = run(engine(loaded, False), inputs)
+    assert len({tuple(t) for t in eager}) > 16  # the answers differ from each other
+    compiled = engine(loaded, True)
+    assert isinstance(compiled.runner.paged, CompiledStep)
+    assert run(compiled, inputs) == eager
+    assert compiled.runner.paged.compiled is not None  # never fell back to eager on the way
+
+    # preempted and recomputed: a cache of a little more than one request's worth
+    tiny = engine(loaded, True, kv_cache_memory=_gib(loaded, 200), max_num_batched_tokens=64)
+    assert run(tiny, inputs[:6]) == eager[:6]
+    assert tiny.stats.preemptions > 0 and tiny.runner.paged.compiled is not None
+
+
+def _gib(loaded: LoadedModel, tokens: int) -> float:
+    text = loaded.config.text
+    element = loaded.model.decoder.norm.weight.element_size()
+    return tokens * 2 * text.num_layers * text.num_kv_heads * text.head_dim * element / (1 << 30)
+
+
+def test_steps_padded_to_cuda_graph_buckets_give_the_eager_tokens(tiny_mistral: Path) -> None:
+    """The padding a CUDA graph needs (rows up to the next bucket writing only the scratch block,
+    table widths up to a power of two), exercised on CPU: batches of 1 to 8 rows hit and miss the
+    buckets 1, 2, 4, 8."""
+    assert buckets(8) == [1, 2, 4, 8] and buckets(20) == [1, 2, 4, 8, 16, 20] and buckets(1) == [1]
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    inputs = chats(loaded, images=False)[:12]
+    eager = run(engine(loaded, False), inputs)
+    padded = engine(loaded, False)
+    step = CompiledStep(padded.runner, buckets(8))
+    step.warm_up()
+    padded.runner.paged = step
+    padded.keep_step_log = True
+    assert run(padded, inputs) == eager and step.compiled is not None
+    sizes = {sum(n for _, n in step) for step in padded.step_log}
+    assert sizes & {3, 5, 6, 7} and sizes & {1, 2, 4, 8}
+
+
+def test_a_failing_compile_falls_back_to_eager_with_one_log_line(
+    tiny_mistral: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch._inductor.config as inductor
+
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    inputs = chats(loaded, images=False)[:4]
+    torch._dynamo.reset()
+    # no C++ compiler, and no cached code to fall back on
+    no_compiler = inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True})
+    with no_compiler, caplog.at_level(logging.INFO, logger="levante.engine"):
+        failed = engine(loaded, True)
+    torch._dynamo.reset()
+    lines = [r.getMessage() for r in caplog.records if "compil" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("compiling the step failed, running it eagerly: "), lines
+    assert "InvalidCxxCompiler" in lines[0]
+    assert failed.runner.paged == failed.runner.forward
+    assert run(failed, inputs) == run(engine(loaded, False), inputs)
+
+
+@pytest.mark.parametrize("flag", ["--enforce-eager", "--no-enforce-eager"])
+def test_the_cli_compiles_unless_enforce_eager(
+    flag: str, tiny_mistral: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["generate", "--model", str(tiny_mistral), "--kv-cache-memory", "0.05", "--max-tokens", "4", flag]
+    with caplog.at_level(logging.INFO, logger="levante.engine"):
+        assert main([*argv, "--prompt", "Hello"]) == 0
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled the step in")]
+    assert len(compiled) == (flag == "--no-enforce-eager")
+    assert capsys.readouterr().out.strip()
