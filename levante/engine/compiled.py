@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from levante import kernels
 from levante.engine.attention import CpuPagedAttention
 from levante.engine.runner import Runner
 
@@ -121,6 +123,17 @@ class CompiledStep:
         log.info("compiled the step in %.1f s", time.perf_counter() - start)
 
 
+def _cache_per_cpu() -> None:
+    """Inductor's on-disk cache, unless the user chose its place, in a folder per CPU target (the
+    kernels' name for it: the CPU's flags, or the ISA a test forces), so a cache shared between
+    machines never hands one CPU code generated for another's instruction set."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"levante_{kernels.target()[0]}")
+
+
 def compile_runner(runner: Runner, max_rows: int) -> bool:
     """Puts `runner.paged` on the compiled step and compiles it now; False (and eager) where the
     step's kernels would not compile into it: on CPU they must be Levante's (the pure-PyTorch paged
@@ -129,6 +142,8 @@ def compile_runner(runner: Runner, max_rows: int) -> bool:
     if device.type == "cpu" and not isinstance(runner.attention, CpuPagedAttention):
         log.info("the step runs eagerly: Levante's CPU kernels are not available")
         return False
+    if device.type == "cpu":
+        _cache_per_cpu()
     step = CompiledStep(runner, buckets(max_rows) if device.type == "cuda" else None)
     step.warm_up()
     if step.compiled is None:

@@ -36,7 +36,9 @@ class SampleRow:
 @dataclass
 class Sample:
     token: int
-    logprob: float  # under the raw model distribution (before bias, penalties, temperature), as vLLM
+    # under the raw model distribution (before bias, penalties, temperature), as vLLM; NaN unless the
+    # request asked for logprobs
+    logprob: float
     top_logprobs: list[tuple[int, float]]  # params.logprobs most likely raw tokens, most likely first
 
 
@@ -64,8 +66,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample]:
             continue
         x = _adjusted(logits[i], row) if adj else logits[i]
         tokens.append(int(_argmax(x[None])[0]) if row.params.greedy else _draw(x, row))
-    wanted = [row.params.logprobs or 0 for row in rows]
-    return [Sample(tok, *lp) for tok, lp in zip(tokens, raw_logprobs(logits, tokens, wanted), strict=True)]
+    # log-probabilities only for the rows that asked (a pass over the vocabulary per row otherwise)
+    asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    found = raw_logprobs(
+        logits[asked], [tokens[i] for i in asked], [rows[i].params.logprobs or 0 for i in asked]
+    )
+    scored = dict(zip(asked, found, strict=True))
+    return [Sample(tok, *scored.get(i, (math.nan, []))) for i, tok in enumerate(tokens)]
 
 
 def _adjusts(row: SampleRow) -> bool:
