@@ -25,9 +25,11 @@ class Model(nn.Module):
 
     def prepare(self) -> None:
         """Readies a loaded model for inference: merges the projections that checkpoints store
-        apart (the forward runs them merged). Which kernel runs them is the engine's choice."""
+        apart (the forward runs them merged) and tabulates the rotary cos/sin. Which kernel runs the
+        projections is the engine's choice."""
         for module in [m for m in self.modules() if isinstance(m, (SelfAttention, GatedMLP))]:
             module.merge()
+        self.decoder.cache_rope()
 
     def encode_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """One [n_image_tokens, text_hidden] tensor per (C, H, W) image, in the order their
