@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="for both engines")
     ap.add_argument("--threads", type=int, help="torch threads for both engines (default: torch's choice)")
     ap.add_argument("--no-batch-invariant", action="store_true", help="Levante on library kernels")
+    ap.add_argument("--compile", action="store_true", help="Levante: the step compiled, as served")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,9 +92,10 @@ def main() -> None:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             batch_invariant=not args.no_batch_invariant,
+            compile=args.compile,
         ),
     )
-    print(f"batch-invariant: {llm.engine.batch_invariant}")
+    print(f"batch-invariant: {llm.engine.batch_invariant}; compiled step: {args.compile}")
     dtype = getattr(torch, args.dtype)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
     jobs = workload(args.requests, args.seed, llm.engine.model.config.text.vocab_size)
