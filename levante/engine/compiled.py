@@ -79,18 +79,10 @@ class CompiledStep:
                 self.compiled = None
         return self.eager(*args)
 
-    def _run(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        rows: torch.Tensor,
-        seqs: torch.Tensor,
-        tables: torch.Tensor,
-        lens: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> torch.Tensor:
+    def _run(self, *args: torch.Tensor) -> torch.Tensor:
+        """`Runner.forward`'s tensors, padded to a bucket where there are buckets."""
         assert self.compiled is not None
+        ids, positions, slots, rows, seqs, tables, lens, keep = args
         t, kept = ids.shape[0], keep.shape[0]
         size = next((n for n in self.sizes if n >= t), t) if self.sizes else t
         if size > t:  # padding rows: position 0, the scratch block, a context of one token
