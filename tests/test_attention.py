@@ -131,8 +131,7 @@ def test_kv_write_kernel_stores_what_the_pytorch_write_stores(dtype: torch.dtype
     """One layer's k/v at scattered slots, the kernel's write (`levante::write_kv`, one call for k and
     v) against `KVStore.write`: the same bits, fp8 saturated at its largest finite value (k and v
     here reach ±1e5, past both formats' range), k a slice of a wider projection."""
-    if not kernels.load():
-        pytest.skip("no C++ compiler")
+    assert kernels.load(), "the CPU kernels did not build"
     gen = torch.Generator().manual_seed(3)
     stores = [KVStore(3, 4, BLOCK, HKV, D, cache, "cpu") for _ in range(2)]
     qkv = (torch.randn(5, 2 * HKV, D, generator=gen) * 3e4).to(dtype)
@@ -144,3 +143,6 @@ def test_kv_write_kernel_stores_what_the_pytorch_write_stores(dtype: torch.dtype
     for a, b in ((stores[0].k, stores[1].k), (stores[0].v, stores[1].v)):
         assert torch.equal(a.view(width), b.view(width))
         assert a[1].float().abs().amax() > 0 and a[[0, 2]].float().abs().amax() == 0  # layer 1 only
+
+    with pytest.raises(RuntimeError, match="write_kv: slot 80 out of range"):  # past the 4+1 blocks
+        torch.ops.levante.write_kv(stores[1].k, stores[1].v, 1, torch.tensor([80]), k[:1], v[:1])

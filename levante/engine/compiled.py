@@ -38,7 +38,8 @@ FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.Inductor
 def _tracing() -> Iterator[None]:
     """One graph for every batch: sizes of 1 not specialised, sizes that happen to be equal not
     assumed equal, and float constants (norm epsilons) not traced as inputs (Dynamo would trace
-    the step twice)."""
+    the step twice). Only the warm-up's trace needs it: its graph's guards then hold for every
+    later step (tested), and patching the configs costs ~100 µs a call."""
     with (
         torch.fx.experimental._config.patch(backed_size_oblivious=True, use_duck_shape=False),
         torch._dynamo.config.patch(specialize_float=True),
@@ -95,8 +96,7 @@ class CompiledStep:
             lens, keep = F.pad(lens, (0, extra), value=1), F.pad(keep, (0, size - kept), value=size - 1)
         if self.sizes:  # table widths in powers of two, so a graph serves contexts up to its width
             tables = F.pad(tables, (0, (1 << (tables.shape[1] - 1).bit_length()) - tables.shape[1]))
-        with _tracing():
-            logits = self.compiled(ids, positions, slots, rows, seqs, tables, lens, keep)[:kept]
+        logits = self.compiled(ids, positions, slots, rows, seqs, tables, lens, keep)[:kept]
         return logits.clone() if self.cuda_graphs else logits  # a graph's next replay overwrites it
 
     @torch.inference_mode()
@@ -109,7 +109,8 @@ class CompiledStep:
             ones = torch.ones(t, dtype=torch.long, device=device)
             tables = ones[:, None].repeat(1, 2) * self.scratch
             slots = ones * self.scratch * self.block_size
-            self(ones * 0, ones * 0, slots, rows, rows.clone(), tables, ones, keep)
+            with _tracing():
+                self(ones * 0, ones * 0, slots, rows, rows.clone(), tables, ones, keep)
             if self.compiled is None:
                 return
         log.info("compiled the step in %.1f s", time.perf_counter() - start)
@@ -131,10 +132,10 @@ def compile_runner(runner: Runner, max_rows: int) -> bool:
     step's kernels would not compile into it: on CPU they must be Levante's (the pure-PyTorch paged
     attention is for reference). On CUDA steps are padded to `buckets(max_rows)`."""
     device = runner.device
-    if device.type == "cpu" and not isinstance(runner.attention, CpuPagedAttention):
-        log.info("the step runs eagerly: Levante's CPU kernels are not available")
-        return False
     if device.type == "cpu":
+        if not isinstance(runner.attention, CpuPagedAttention):
+            log.info("the step runs eagerly: Levante's CPU kernels are not available")
+            return False
         _cache_per_cpu()
     step = CompiledStep(runner, buckets(max_rows) if device.type == "cuda" else None)
     step.warm_up()
