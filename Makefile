@@ -4,9 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint setup
+.PHONY: run test lint setup browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The web app's tests drive Debian's chromium through Playwright (no browser download exists here).
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 || { echo "run as root or: sudo apt-get install -y chromium"; exit 1; }; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,5 +28,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check levante tests benchmarks
 	$(VENV)/bin/ruff format --check levante tests benchmarks
 
-test: $(STAMP) lint
+test: $(STAMP) browser lint
 	$(VENV)/bin/pytest -q

@@ -194,7 +194,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         serve_on_ray(config, RayServeConfig(args.replicas or 1, args.ray_autoscaling, args.ray_actor_options))
     else:
-        serve(config)
+        serve(config, None if args.no_web else web_app(args))
+
+
+def web_app(args: argparse.Namespace) -> Callable[..., None]:
+    """The Spaces web app on the server's port, its store next to the usage ledger by default."""
+    from levante.web import WebConfig, install
+    from levante.web.answers import AnswerLimits
+
+    store = args.spaces_db
+    if store is None:
+        home = args.usage_db.parent if args.usage_db is not None else Path.home() / ".local/share/levante"
+        store = home / "spaces.db"
+    config = WebConfig(store, AnswerLimits(args.space_context_tokens, args.space_max_tokens))
+    return lambda app, server: install(app, server, config)
 
 
 def positive(kind: type) -> Callable[[str], Any]:
@@ -342,6 +355,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log")
     add_db_flag(s, "when set, requests are metered and `levante keys` keys are accepted")
     add_price_flags(s)
+    s.add_argument("--no-web", action="store_true", help="serve the API only, not the Spaces web app at /")
+    s.add_argument(
+        "--spaces-db",
+        type=Path,
+        default=os.environ.get("LEVANTE_SPACES_DB") or None,
+        help="the web app's SQLite file (default: $LEVANTE_SPACES_DB, else spaces.db beside --usage-db, "
+        "else ~/.local/share/levante/spaces.db)",
+    )
+    s.add_argument(
+        "--space-context-tokens",
+        type=positive(int),
+        default=8192,
+        help="prompt tokens a Space answer may read: memory + the newest messages that fit",
+    )
+    s.add_argument("--space-max-tokens", type=positive(int), default=1024, help="the longest Space answer")
     s.add_argument("--ray", action="store_true", help="serve through Ray Serve on the cluster in RAY_ADDRESS")
     s.add_argument("--replicas", type=positive(int), help="engine replicas with --ray (default 1)")
     s.add_argument(

@@ -27,6 +27,10 @@ from levante.testing.checkpoints import TinySpec
 # The suite starts dozens of short-lived CLI engines and servers: they run eagerly (the reference)
 # unless a test passes --no-enforce-eager; test_compiled checks the compiled step against them.
 os.environ.setdefault("LEVANTE_ENFORCE_EAGER", "1")
+# Servers started without --spaces-db keep the web app's Spaces here, not in the user's home.
+os.environ.setdefault(
+    "LEVANTE_SPACES_DB", str(Path(tempfile.mkdtemp(prefix="levante-spaces-")) / "spaces.db")
+)
 
 
 def healthy_init(model: torch.nn.Module, seed: int) -> None:

@@ -47,8 +47,8 @@ def health(url: str) -> int | None:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], log: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "levante.cli", "serve", "--port", str(self.port), *args]

@@ -27,7 +27,7 @@ from levante.metering.ledger import Ledger
 from levante.metering.prices import Prices
 
 SERVE = ["--kv-cache-memory", "0.25", "--max-model-len", "2048", "--served-model-name", "m"]
-SERVE += ["--price-cached-input", "0.02"]
+SERVE += ["--price-cached-input", "0.02", "--no-web"]
 PRICES = Prices(cached_input=0.02)
 
 
@@ -145,6 +145,8 @@ def test_keys_are_checked(metered: tuple[ServerProcess, Path]) -> None:
         assert "Incorrect API key" in e.value.message
     status, body = post(server.url, "/v1/chat/completions", {"messages": MESSAGES})  # no header at all
     assert status == 401 and "didn't provide an API key" in body["error"]["message"]
+    for path in ("/", "/web/api/spaces"):  # --no-web: the API only
+        assert post(server.url, path, {}, {"Authorization": f"Bearer {key}"})[0] == 404
     bob = next(k for k in Ledger(db).list_keys("ops") if k.name == "bob")
     done = levante(db, "keys", "revoke", str(bob.id))
     assert done.returncode == 0, done.stderr

@@ -57,9 +57,9 @@ _UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
-    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'."""
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'; ('query', 'seats') -> 'seats'."""
     out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
         if isinstance(part, int):
             out += f"[{part}]"
         elif isinstance(part, str) and "[" not in part and part not in _UNION_MEMBERS:

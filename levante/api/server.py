@@ -98,13 +98,18 @@ def generation_defaults(setting: str, model_path: Path) -> dict[str, Any]:
     return {ours: raw[theirs] for theirs, ours in _GENERATION_KEYS.items() if raw.get(theirs) is not None}
 
 
+def base_url(cfg: ServerConfig) -> str:
+    """Where a browser or curl on this machine reaches the server."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}"
+
+
 def curl_example(cfg: ServerConfig, model_name: str) -> str:
     """A ready-to-paste request, printed at start so a new user has something that works."""
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     body = {"model": model_name, "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
     auth = ' -H "Authorization: Bearer $LEVANTE_API_KEY"' if cfg.api_key else ""
     return (
-        f"curl http://{host}:{cfg.port}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+        f"curl {base_url(cfg)}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{json.dumps(body)}'"
     )
 
@@ -127,6 +132,18 @@ class State:
         return self.engine.engine.max_model_len
 
 
+@dataclass
+class ChatRun:
+    """A queued chat request: the response head, its tracked outputs, how to read them, and the
+    tracker that counts what the ledger will bill (also when the outputs are closed early)."""
+
+    head: dict[str, Any]
+    outputs: AsyncIterator[tuple[int, Output]]
+    plan: tools.Structured
+    n: int
+    tracker: RequestTracker
+
+
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -135,6 +152,7 @@ class Server:
         self.load_error: str | None = None
         self.created = int(time.time())
         self.ledger = Ledger(config.usage_db) if config.usage_db is not None else None
+        self.links: list[tuple[str, str]] = []  # (what, path) printed under the curl line when ready
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -160,6 +178,8 @@ class Server:
         self.state = State(engine, name, defaults, Metrics(engine, name))
         log.info("ready: serving %s as %r on http://%s:%d", loaded.path, name, cfg.host, cfg.port)
         log.info("try it:\n%s", curl_example(cfg, name))
+        for what, path in self.links:
+            log.info("%s: %s%s", what, base_url(cfg), path)
 
     def ready(self) -> State:
         if self.draining:
@@ -263,6 +283,41 @@ class Server:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )
+
+    async def start_chat(
+        self, state: State, caller: Key | None, req: protocol.ChatRequest, endpoint: str
+    ) -> ChatRun:
+        """A chat request checked (budget, fields, grammar, context), encoded and queued; its
+        outputs settle the ledger row (under `endpoint`) however they end. The web app's Spaces
+        ask the model through here too, so they are billed and refused exactly as the API is."""
+        self.check_budget(caller)
+        _refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        plan = await asyncio.to_thread(_structured, req, state)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = await resolve_messages(messages, self.config.images)
+        specs = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        try:
+            inputs = await asyncio.to_thread(state.tokenizer.encode_chat, messages, specs)
+        except TokenizerError as e:
+            raise bad_request(str(e), "messages") from None
+        params = _params(
+            req,
+            state,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        params = replace(params, grammar=plan.grammar)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self.submit(state, inputs, params, rid, "messages")
+        logged = repr(messages)[:2000] if self.config.log_prompts else None
+        trackers = [RequestTracker(state.metrics, rid, logged)]
+        outputs = _tracked(
+            [stream], trackers, lambda: self.settle(state, caller, rid, endpoint, trackers, params.n)
+        )
+        head = {"id": rid, "created": int(time.time()), "model": state.model_name}
+        return ChatRun(head, outputs, plan, params.n, trackers[0])
 
     async def submit(
         self, state: State, inputs: PromptInputs, params: SamplingParams, rid: str, where: str
@@ -457,38 +512,15 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: protocol.ChatRequest, request: Request) -> Response:
         state, caller = begin(request, req.model)
-        server.check_budget(caller)
-        _refuse_unsupported(req)
-        if req.top_logprobs is not None and not req.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        plan = await asyncio.to_thread(_structured, req, state)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        messages = await resolve_messages(messages, cfg.images)
-        specs = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        try:
-            inputs = await asyncio.to_thread(state.tokenizer.encode_chat, messages, specs)
-        except TokenizerError as e:
-            raise bad_request(str(e), "messages") from None
-        params = _params(
-            req,
-            state,
-            max_tokens=req.max_completion_tokens or req.max_tokens,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
-        params = replace(params, grammar=plan.grammar)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await server.submit(state, inputs, params, rid, "messages")
-        trackers = [RequestTracker(state.metrics, rid, repr(messages)[:2000] if cfg.log_prompts else None)]
-        outputs = _tracked(
-            [stream], trackers, lambda: server.settle(state, caller, rid, "chat", trackers, params.n)
-        )
-        head = {"id": rid, "created": int(time.time()), "model": state.model_name}
+        run = await server.start_chat(state, caller, req, "chat")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            chunks = chat_chunks(head, outputs, params.n, state.tokenizer, include_usage, plan.tool_names)
+            chunks = chat_chunks(
+                run.head, run.outputs, run.n, state.tokenizer, include_usage, run.plan.tool_names
+            )
             return _sse(priced_chunks(chunks))
-        choices = await _unless_disconnected(request, _collect(outputs, params.n, 1))
-        body = chat_response(head, choices, state.tokenizer, plan.tool_names)
+        choices = await _unless_disconnected(request, _collect(run.outputs, run.n, 1))
+        body = chat_response(run.head, choices, state.tokenizer, run.plan.tool_names)
         return JSONResponse({**body, "usage": priced(body["usage"])})
 
     @app.post("/v1/completions")
@@ -649,10 +681,13 @@ class _Uvicorn(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(config: ServerConfig) -> int:
-    """Runs until SIGTERM/SIGINT; the exit status for the process."""
+def serve(config: ServerConfig, extend: Callable[[FastAPI, Server], None] | None = None) -> int:
+    """Runs until SIGTERM/SIGINT; the exit status for the process. `extend` adds routes (the web
+    app) to the API's own app, so both share the port, the engine and the ledger."""
     server = Server(config)
     app = create_app(server)
+    if extend is not None:
+        extend(app, server)
     uv = _Uvicorn(
         uvicorn.Config(
             app,

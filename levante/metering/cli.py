@@ -14,7 +14,7 @@ from typing import Any
 
 from levante.errors import LevanteError
 from levante.metering.ledger import GROUPS, Key, Ledger, parse_day
-from levante.metering.prices import Prices, add_price_flags, prices_from_args
+from levante.metering.prices import Prices, add_price_flags, prices_from_args, team_cost
 
 DB_ENV = "LEVANTE_USAGE_DB"
 
@@ -153,22 +153,16 @@ def compare_pair(text: str) -> tuple[str, Prices]:
 
 def monthly_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Tokens a team sends and receives in `days`, priced at ours and each compared price pair."""
-    messages = args.seats * args.messages_per_day * args.days
-    tokens_in, tokens_out = messages * args.input_tokens, messages * args.output_tokens
-    rows = []
-    for name, prices in [("levante", prices_from_args(args)), *args.compare]:
-        rows.append(
-            {
-                "prices": name,
-                "input_per_M": prices.input,
-                "output_per_M": prices.output,
-                "messages": messages,
-                "input_tokens": tokens_in,
-                "output_tokens": tokens_out,
-                "cost": prices.cost(tokens_in, 0, tokens_out),
-            }
-        )
-    return rows
+    usage = (args.seats, args.messages_per_day, args.input_tokens, args.output_tokens, args.days)
+    return [
+        {
+            "prices": name,
+            "input_per_M": prices.input,
+            "output_per_M": prices.output,
+            **team_cost(prices, *usage),
+        }
+        for name, prices in [("levante", prices_from_args(args)), *args.compare]
+    ]
 
 
 def cmd_cost(args: argparse.Namespace) -> None:

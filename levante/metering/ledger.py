@@ -298,6 +298,20 @@ class Ledger:
             self._refresh()
             return self._key_spent.get(key.id or -1, 0.0), self._team_spent.get(key.team or "", 0.0)
 
+    def team_month(self, team: str) -> tuple[float, float | None]:
+        """This month's spend of `team` and its monthly budget (None: no cap), USD."""
+        with self.lock:
+            self._refresh()
+            return self._team_spent.get(team, 0.0), self._team_budget.get(team)
+
+    def timings(self, since: float) -> list[tuple[float, int]]:
+        """(latency, completion tokens) of every request since `since`."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT latency, completion_tokens FROM requests WHERE time >= ?", (since,)
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
     # ---- reports -------------------------------------------------------------------------------
 
     def report(

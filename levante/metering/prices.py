@@ -35,6 +35,21 @@ class Prices:
         return (fresh * self.input + cached_tokens * cached_price + completion_tokens * self.output) / 1e6
 
 
+def team_cost(
+    prices: Prices, seats: int, messages_per_day: int, input_tokens: int, output_tokens: int, days: int
+) -> dict[str, float]:
+    """A team's tokens over `days` (per seat and message) and what they cost: the math of
+    `levante cost` and of the web app's calculator."""
+    messages = seats * messages_per_day * days
+    tokens_in, tokens_out = messages * input_tokens, messages * output_tokens
+    return {
+        "messages": messages,
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "cost": prices.cost(tokens_in, 0, tokens_out),
+    }
+
+
 _KEYS = ("input", "output", "cached_input")
 
 

@@ -1,0 +1,149 @@
+// The message composer: textarea with @-mention popup, image attachments, send.
+import { h, avatar, alertBox, showAlert } from "./dom.js";
+
+const readDataURL = (file) =>
+  new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+
+/** onSend({content, images}) must throw on failure: the draft then stays for another try. */
+export function createComposer({ modelName, onSend }) {
+  let images = []; // data: URLs waiting to be sent
+  let mentionDismissed = false; // Escape hides the popup until the next keystroke
+
+  const textarea = h("textarea", {
+    class: "composer-input", "data-testid": "composer", rows: 1, "aria-label": "Message",
+    placeholder: `Message the Space — type @${modelName} to ask the model`,
+  });
+  const fileInput = h("input", { type: "file", accept: "image/*", multiple: true, hidden: true, "data-testid": "image-input" });
+  const thumbs = h("div", { class: "thumbs", hidden: true });
+  const error = alertBox("composer-error");
+  const option = h("button", {
+    type: "button", class: "mention-option", role: "option", "aria-selected": "true", "data-testid": "mention-option",
+    onmousedown: (e) => e.preventDefault(), // keep the caret in the textarea
+    onclick: () => acceptMention(),
+  }, avatar(modelName, true), h("span", { class: "mention-name" }, "@" + modelName), h("span", { class: "mention-hint" }, "model · Tab"));
+  const popup = h("div", { class: "mention-popup", role: "listbox", "data-testid": "mention-popup", hidden: true }, option);
+  const send = h("button", { type: "submit", class: "btn btn-primary send", "data-testid": "send", "aria-label": "Send" }, "Send");
+  const attach = h("button", {
+    type: "button", class: "btn btn-icon", title: "Attach images", "aria-label": "Attach images",
+    onclick: () => fileInput.click(),
+  }, icon("M21 12.5l-8.3 8.3a5.5 5.5 0 01-7.8-7.8l8.6-8.6a3.7 3.7 0 015.2 5.2l-8.6 8.6a1.8 1.8 0 01-2.6-2.6l8-8"));
+
+  const form = h("form", { class: "composer", onsubmit: (e) => { e.preventDefault(); submit(); } },
+    error, thumbs,
+    h("div", { class: "composer-box" }, popup, attach, textarea, send),
+    h("p", { class: "composer-hint" }, "Enter to send · Shift+Enter for a new line · paste or drop images"),
+    fileInput);
+
+  // The @query right before the caret, if it could still become the model's name.
+  function mentionQuery() {
+    const before = textarea.value.slice(0, textarea.selectionStart);
+    const m = /(?:^|\s)@([^\s@]*)$/.exec(before);
+    return m && modelName.toLowerCase().startsWith(m[1].toLowerCase()) ? m[1] : null;
+  }
+
+  const popupOpen = () => !popup.hidden;
+  const updatePopup = () => { popup.hidden = mentionDismissed || mentionQuery() === null; };
+
+  function acceptMention() {
+    const query = mentionQuery() ?? "";
+    const end = textarea.selectionStart;
+    textarea.setRangeText(`@${modelName} `, end - query.length - 1, end, "end");
+    popup.hidden = true;
+    textarea.focus();
+  }
+
+  function renderThumbs() {
+    thumbs.hidden = images.length === 0;
+    thumbs.replaceChildren(...images.map((url, i) =>
+      h("div", { class: "thumb" },
+        h("img", { src: url, alt: `Attachment ${i + 1}` }),
+        h("button", {
+          type: "button", class: "thumb-remove", "aria-label": "Remove image", title: "Remove",
+          onclick: () => { images.splice(i, 1); renderThumbs(); textarea.focus(); },
+        }, "×"))));
+  }
+
+  async function addFiles(files) {
+    const picked = [...files].filter((f) => f.type.startsWith("image/"));
+    try {
+      images.push(...(await Promise.all(picked.map(readDataURL))));
+    } catch (err) {
+      showAlert(error, `Could not read the image: ${err?.message ?? err}`);
+    }
+    renderThumbs();
+  }
+
+  async function submit() {
+    const content = textarea.value.trim();
+    if ((!content && images.length === 0) || send.disabled) return;
+    send.disabled = true;
+    showAlert(error, "");
+    try {
+      await onSend({ content, images: [...images] });
+      textarea.value = "";
+      images = [];
+      renderThumbs();
+    } catch (err) {
+      showAlert(error, err.message); // the draft stays so nothing typed is lost
+    } finally {
+      send.disabled = false;
+      textarea.focus();
+    }
+  }
+
+  textarea.addEventListener("input", () => { mentionDismissed = false; updatePopup(); });
+  textarea.addEventListener("click", updatePopup);
+  textarea.addEventListener("blur", () => { popup.hidden = true; });
+  textarea.addEventListener("keydown", (e) => {
+    if (e.isComposing) return;
+    if (popupOpen() && (e.key === "Tab" || e.key === "Enter")) {
+      e.preventDefault();
+      acceptMention();
+    } else if (popupOpen() && e.key === "Escape") {
+      mentionDismissed = true;
+      popup.hidden = true;
+    } else if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      submit();
+    }
+  });
+  textarea.addEventListener("keyup", (e) => { if (e.key.startsWith("Arrow")) updatePopup(); });
+  textarea.addEventListener("paste", (e) => {
+    const files = [...(e.clipboardData?.items ?? [])].filter((i) => i.kind === "file").map((i) => i.getAsFile());
+    if (files.some((f) => f?.type.startsWith("image/"))) {
+      e.preventDefault(); // otherwise some browsers also paste the file's name as text
+      addFiles(files.filter(Boolean));
+    }
+  });
+  fileInput.addEventListener("change", () => { addFiles(fileInput.files); fileInput.value = ""; });
+  form.addEventListener("dragover", (e) => { e.preventDefault(); form.classList.add("dropping"); });
+  form.addEventListener("dragleave", (e) => { if (!form.contains(e.relatedTarget)) form.classList.remove("dropping"); });
+  form.addEventListener("drop", (e) => {
+    e.preventDefault();
+    form.classList.remove("dropping");
+    addFiles(e.dataTransfer?.files ?? []);
+  });
+
+  return {
+    el: form,
+    setText(text) { textarea.value = text; textarea.focus(); },
+    showError: (message) => showAlert(error, message),
+  };
+}
+
+/** A stroked 24×24 icon from one SVG path. */
+export function icon(d) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("aria-hidden", "true");
+  const path = document.createElementNS(ns, "path");
+  path.setAttribute("d", d);
+  svg.append(path);
+  return svg;
+}
