@@ -203,9 +203,9 @@ def web_app(args: argparse.Namespace) -> Callable[..., None]:
     from levante.web.answers import AnswerLimits
 
     store = args.spaces_db
-    if store is None:
-        home = args.usage_db.parent if args.usage_db is not None else Path.home() / ".local/share/levante"
-        store = home / "spaces.db"
+    if store is None:  # one file per port: two servers on one machine never share (or lock) a store
+        home = os.environ.get("LEVANTE_DATA_DIR") or Path.home() / ".local/share/levante"
+        store = (args.usage_db.parent if args.usage_db is not None else Path(home)) / f"spaces-{args.port}.db"
     config = WebConfig(store, AnswerLimits(args.space_context_tokens, args.space_max_tokens))
     return lambda app, server: install(app, server, config)
 
@@ -355,13 +355,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log")
     add_db_flag(s, "when set, requests are metered and `levante keys` keys are accepted")
     add_price_flags(s)
-    s.add_argument("--no-web", action="store_true", help="serve the API only, not the Spaces web app at /")
+    s.add_argument(
+        "--no-web",
+        action="store_true",
+        help="serve the API only, not the Spaces web app at / (never with --ray)",
+    )
     s.add_argument(
         "--spaces-db",
         type=Path,
-        default=os.environ.get("LEVANTE_SPACES_DB") or None,
-        help="the web app's SQLite file (default: $LEVANTE_SPACES_DB, else spaces.db beside --usage-db, "
-        "else ~/.local/share/levante/spaces.db)",
+        help="the web app's SQLite file (default: spaces-PORT.db beside --usage-db, else in "
+        "$LEVANTE_DATA_DIR or ~/.local/share/levante)",
     )
     s.add_argument(
         "--space-context-tokens",

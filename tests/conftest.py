@@ -28,9 +28,7 @@ from levante.testing.checkpoints import TinySpec
 # unless a test passes --no-enforce-eager; test_compiled checks the compiled step against them.
 os.environ.setdefault("LEVANTE_ENFORCE_EAGER", "1")
 # Servers started without --spaces-db keep the web app's Spaces here, not in the user's home.
-os.environ.setdefault(
-    "LEVANTE_SPACES_DB", str(Path(tempfile.mkdtemp(prefix="levante-spaces-")) / "spaces.db")
-)
+os.environ.setdefault("LEVANTE_DATA_DIR", tempfile.mkdtemp(prefix="levante-data-"))
 
 
 def healthy_init(model: torch.nn.Module, seed: int) -> None:

@@ -12,6 +12,8 @@ import json
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -423,6 +425,12 @@ def test_bad_input_is_named(team: Team) -> None:
     assert status == 200 and err["messages"] == 5 * 80 * 30
     status, err = api(url, "/web/api/spaces", "lv-wrong")
     assert status == 401
+
+
+def test_one_server_per_spaces_file(team: Team, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "levante.cli", "serve", "--port", "1", "--spaces-db", str(team.spaces)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "is in use by another levante serve" in done.stderr, done.stderr
 
 
 def test_export(team: Team) -> None:

@@ -61,6 +61,8 @@ CREATE INDEX IF NOT EXISTS requests_by_time ON requests (time);
 """
 
 GROUPS = ("day", "team", "key")
+SERVER_TEAM = "(server)"
+"""The team of the server's single --api-key in the web app; no ledger key may join it."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ class Ledger:
         """A new key for `team` (created on first use); the secret is returned once, never stored."""
         if not team.strip() or not name.strip():
             raise LevanteError("a key needs a non-empty --team and --name")
+        if team == SERVER_TEAM:
+            raise LevanteError(f"the team name {SERVER_TEAM} is reserved for the server's --api-key holder")
         check_budget(monthly_budget, "--monthly-budget")
         secret = "lv-" + secrets.token_urlsafe(24)
         with self.lock:

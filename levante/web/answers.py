@@ -11,12 +11,13 @@ request is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from levante.api import protocol
@@ -104,6 +105,15 @@ async def count_tokens(server: Server, state: State, messages: list[dict[str, An
         raise bad_request(str(e), "content") from None
 
 
+async def discard(run: ChatRun) -> None:
+    """Ends a queued run nobody will read (what would have stored it failed): the engine frees it
+    and its ledger row is written, which only happens once its outputs have started."""
+    with contextlib.suppress(Exception):
+        async for _ in run.outputs:
+            break
+    await run.outputs.aclose()  # type: ignore[attr-defined]
+
+
 @dataclass
 class Answers:
     """Runs the model's answers in the Spaces: one asyncio task per streaming answer."""
@@ -116,15 +126,28 @@ class Answers:
 
     def __post_init__(self) -> None:
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.busy: set[int] = set()  # answers being (re)started or streaming: one run each at a time
+        self.partial: dict[int, list[str]] = {}  # the text so far of each streaming answer
 
     def offers_tools(self, state: State) -> bool:
         """The `remember` tool exists only where the model has a tool-call format."""
         return state.tokenizer.tool_call_tokens is not None
 
+    def claim(self, answer_id: int) -> None:
+        if answer_id in self.busy:
+            raise APIError(409, "this answer is still streaming; stop it first", code="answer_streaming")
+        self.busy.add(answer_id)
+
+    def live(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The message as a page should see it now: a streaming answer with its text so far."""
+        text = self.partial.get(message["id"]) if message["status"] == "streaming" else None
+        return {**message, "content": "".join(text)} if text else message
+
     async def prompt(
         self, state: State, space: dict[str, Any], thread: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """The chat messages for an answer to the last of `thread`, cut to the token budget."""
+        """The chat messages for an answer to the last of `thread`, cut to the token budget and to
+        the images a request may carry, oldest messages dropped first."""
         tools = self.offers_tools(state)
         system = system_prompt(state.model_name, space, self.store.notes(space["id"], "pinned"), tools)
         vision = state.engine.engine.model.config.vision is not None
@@ -137,24 +160,30 @@ class Answers:
             if vision
             else None
         )  # a message not stored yet (the one asking) carries its images as data URLs
+        budget = min(self.limits.context_tokens, state.max_model_len - self.limits.max_tokens)
+        most_images = self.server.config.images.max_images
 
         def build(drop: int) -> list[dict[str, Any]]:
             return [{"role": "system", "content": system}, *thread_turns(thread[drop:], images)]
 
-        budget = min(self.limits.context_tokens, state.max_model_len - self.limits.max_tokens)
-        if await count_tokens(self.server, state, build(0), tools) <= budget:
+        async def fits(drop: int) -> bool:
+            if vision and sum(len(m["images"]) for m in thread[drop:]) > most_images:
+                return False
+            return await count_tokens(self.server, state, build(drop), tools) <= budget
+
+        if await fits(0):
             return build(0)
         low, high = 1, len(thread) - 1  # the fewest drops that fit lie in [low, high], if any does
-        if await count_tokens(self.server, state, build(high), tools) > budget:
+        if not await fits(high):
             raise bad_request(
-                f"the message and the Space's memory need more than the {budget} tokens a Space answer "
-                "may read; shorten the message or the memory",
+                f"the message and the Space's memory need more than the {budget} tokens (or "
+                f"{most_images} images) a Space answer may read; shorten the message or the memory",
                 "content",
                 "context_length_exceeded",
             )
         while low < high:
             mid = (low + high) // 2
-            if await count_tokens(self.server, state, build(mid), tools) <= budget:
+            if await fits(mid):
                 high = mid
             else:
                 low = mid + 1
@@ -164,7 +193,10 @@ class Answers:
         self, state: State, caller: Key | None, space: dict[str, Any], thread: list[dict[str, Any]]
     ) -> ChatRun:
         """Queues the model's answer to the last message of `thread`; raises the API's error (429
-        when the team pool is spent, 400 for what the request cannot hold) before anything is stored."""
+        when the team pool is spent, 400 for what the request cannot hold) before anything is stored.
+        A key answering in another team's Space (an admin's) draws on that team's pool."""
+        if caller is not None and caller.id is not None and caller.team != space["team"]:
+            caller = replace(caller, team=space["team"])
         messages = await self.prompt(state, space, thread)
         longest = min(self.limits.max_tokens, state.defaults.get("max_tokens") or self.limits.max_tokens)
         body: dict[str, Any] = {"messages": messages, "max_tokens": longest}
@@ -175,20 +207,22 @@ class Answers:
 
     def run(self, state: State, run: ChatRun, answer: dict[str, Any], asker: str) -> None:
         """Streams `run` into the answer's row and to every open page, in the background."""
+        mid = answer["id"]
+        self.busy.add(mid)
+        self.partial[mid] = []
         task = asyncio.ensure_future(self._stream(state, run, answer, asker))
-        self.tasks[answer["id"]] = task
-        task.add_done_callback(lambda _: self.tasks.pop(answer["id"], None))
+        self.tasks[mid] = task
 
-    def stop(self, answer_id: int) -> bool:
-        task = self.tasks.get(answer_id)
-        if task is None:
-            return False
-        task.cancel()
-        return True
+        def done(_: asyncio.Task[None]) -> None:
+            self.tasks.pop(mid, None)
+            self.partial.pop(mid, None)
+            self.busy.discard(mid)
+
+        task.add_done_callback(done)
 
     async def _stream(self, state: State, run: ChatRun, answer: dict[str, Any], asker: str) -> None:
         space, mid = answer["space"], answer["id"]
-        text: list[str] = []
+        text = self.partial[mid]
         calls: list[dict[str, str]] = []
         status, error = "done", None
         started = time.monotonic()
@@ -198,16 +232,23 @@ class Answers:
                 for choice in chunk["choices"]:
                     delta = choice["delta"]
                     if delta.get("content"):
+                        offset = sum(map(len, text))  # lets a page that missed a delta notice it
                         text.append(delta["content"])
-                        self.hub.publish(space, "delta", {"id": mid, "text": delta["content"]})
+                        self.hub.publish(
+                            space, "delta", {"id": mid, "offset": offset, "text": delta["content"]}
+                        )
                     for call in delta.get("tool_calls") or ():
-                        if call.get("function", {}).get("name"):
-                            calls.append({"name": call["function"]["name"], "arguments": ""})
-                        calls[-1]["arguments"] += call.get("function", {}).get("arguments") or ""
+                        function = call.get("function") or {}
+                        if function.get("name") or not calls:
+                            calls.append({"name": function.get("name") or "", "arguments": ""})
+                        calls[-1]["arguments"] += function.get("arguments") or ""
         except asyncio.CancelledError:
             status = "stopped"
         except (APIError, RequestError) as e:
             status, error = "error", e.message if isinstance(e, APIError) else str(e)
+        except Exception as e:  # a bug must not leave the answer streaming forever
+            log.exception("answer %d failed", mid)
+            status, error = "error", f"internal error: {type(e).__name__}"
         finally:
             await chunks.aclose()  # aborts the engine request when stopped; settles its ledger row
         t = run.tracker

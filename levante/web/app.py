@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,17 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from levante.api.errors import APIError, bad_request
 from levante.api.images import resolve
 from levante.api.server import Server
+from levante.errors import LevanteError
 from levante.metering.ledger import month_start
 from levante.metering.prices import team_cost
 from levante.web import auth
-from levante.web.answers import AnswerLimits, Answers, mentions
+from levante.web.answers import AnswerLimits, Answers, discard, mentions
 from levante.web.auth import Member
 from levante.web.events import Hub
 from levante.web.model_page import model_facts
 from levante.web.store import Store
 
 STATIC = Path(__file__).parent / "static"
-HEARTBEAT_SECONDS = 30.0
+UPTIME_SECONDS = 30.0  # how often the server notes it is up (the model page's 30-day uptime)
+MAX_ID = 2**63 - 1  # SQLite's largest row id
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -70,18 +75,40 @@ class NoteText(Authored):
     text: str = Field(min_length=1, max_length=4000)
 
 
+def note_text(body: NoteText) -> str:
+    text = body.text.strip()
+    if not text:
+        raise bad_request("text: a note needs some text", "text")
+    return text
+
+
 def _not_found(what: str) -> APIError:
     return APIError(404, f"{what} does not exist or is not shared with your team", code="not_found")
 
 
-async def _image(url: str, i: int, server: Server) -> tuple[str, bytes]:
-    """An uploaded data URL checked as the API checks images, as (mime type, bytes)."""
+async def _image(url: str, i: int, server: Server) -> tuple[str, str, bytes]:
+    """An uploaded image checked as the API checks images: (its data URL, mime type, bytes)."""
     checked = await resolve(url, server.config.images, f"images[{i}]")
     head, _, data = checked.partition(",")
-    return head.removeprefix("data:").split(";")[0], base64.b64decode(data)
+    return checked, head.removeprefix("data:").split(";")[0], base64.b64decode(data)
+
+
+def _lock(store: Path) -> IO[bytes]:
+    """Holds the store for this server's life: a second server on the same file would mark this
+    one's answers stopped and never see its live events."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    handle = (store.parent / f"{store.name}.lock").open("wb")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LevanteError(
+            f"{store} is in use by another levante serve: give this one its own --spaces-db, or --no-web"
+        ) from None
+    return handle
 
 
 def install(app: FastAPI, server: Server, config: WebConfig) -> None:
+    held = _lock(config.store)
     store = Store(config.store)
     hub = Hub()
     for orphan in store.orphaned_answers():
@@ -91,7 +118,7 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         space = store.space(space_id)
         assert space is not None
         since = month_start(time.time())
-        if server.ledger is not None:
+        if server.ledger is not None and auth.keys_required(server):
             spent, budget = server.ledger.team_month(space["team"])
         else:
             spent, budget = store.team_spent(space["team"], since), None
@@ -108,9 +135,10 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
     def heartbeat() -> None:
         while True:
             store.heartbeat(started)
-            time.sleep(HEARTBEAT_SECONDS)
+            time.sleep(UPTIME_SECONDS)
 
     threading.Thread(target=heartbeat, name="levante-uptime", daemon=True).start()
+    app.state.spaces_lock = held  # released when the process exits
 
     def member(request: Request) -> Member:
         return auth.require(server, store, request)
@@ -208,7 +236,7 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         space = visible(member(request), space_id)
         return {
             "space": space,
-            "messages": store.messages(space_id),
+            "messages": [answers.live(m) for m in store.messages(space_id)],
             "notes": store.notes(space_id),
             "credits": credits(space_id),
             "cursor": store.cursor(space_id),
@@ -227,25 +255,21 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
             raise bad_request("content: write something or attach an image", "content")
         if len(body.images) > server.config.images.max_images:
             raise bad_request(f"images: at most {server.config.images.max_images} per message", "images")
-        images = [await _image(url, i, server) for i, url in enumerate(body.images)]
+        checked = [await _image(url, i, server) for i, url in enumerate(body.images)]
         state = server.ready()
         run = None
         if mentions(content, state.model_name):
-            pending = {
-                "role": "user",
-                "author": name,
-                "content": content,
-                "images": body.images,
-                "status": "done",
-            }
+            urls = [url for url, _, _ in checked]
+            pending = {"role": "user", "author": name, "content": content, "images": urls, "status": "done"}
             run = await answers.start(state, who.key, space, [*store.messages(space_id), pending])
         try:
+            images = [(mime, data) for _, mime, data in checked]
             message, answer = store.post(
                 space_id, name, content, images, {"model": state.model_name} if run is not None else None
             )
         except BaseException:
             if run is not None:
-                await run.outputs.aclose()  # type: ignore[attr-defined]
+                await discard(run)
             raise
         hub.notify(space_id)
         if run is not None and answer is not None:
@@ -259,58 +283,78 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         return found
 
     @app.post("/web/api/spaces/{space_id}/messages/{message_id}/stop")
-    async def stop(space_id: str, message_id: int, request: Request) -> dict[str, Any]:
+    async def stop(space_id: str, message_id: RowId, request: Request) -> dict[str, Any]:
         answer = answer_of(visible(member(request), space_id), message_id)
         task = answers.tasks.get(message_id)
         if task is not None:
             task.cancel()
             await asyncio.wait({task}, timeout=10)
-        elif answer["status"] == "streaming":  # no task runs it (it cannot, after a restart)
+        elif answer["status"] == "streaming" and message_id not in answers.busy:  # left by a restart
             store.update_answer(message_id, status="stopped")
             hub.notify(space_id)
-        return store.message(message_id)
+        return answers.live(store.message(message_id))
 
     @app.post("/web/api/spaces/{space_id}/messages/{message_id}/regenerate")
     async def regenerate(
-        space_id: str, message_id: int, request: Request, body: Authored | None = None
+        space_id: str, message_id: RowId, request: Request, body: Authored | None = None
     ) -> dict[str, Any]:
         who = member(request)
         space = visible(who, space_id)
         answer_of(space, message_id)
-        if message_id in answers.tasks:
-            raise APIError(409, "this answer is still streaming; stop it first", code="answer_streaming")
-        state = server.ready()
-        run = await answers.start(state, who.key, space, store.messages(space_id, before=message_id))
         name = author(who, body.author if body is not None else None)
-        fresh = store.update_answer(
-            message_id,
-            content="",
-            status="streaming",
-            error=None,
-            usage=None,
-            tool_calls=[],
-            asked_by=name,
-            model=state.model_name,
-        )
+        state = server.ready()
+        answers.claim(message_id)  # before the first await: a second click gets 409, not a second run
+        try:
+            run = await answers.start(state, who.key, space, store.messages(space_id, before=message_id))
+        except BaseException:
+            answers.busy.discard(message_id)
+            raise
+        try:
+            fresh = store.update_answer(
+                message_id,
+                content="",
+                status="streaming",
+                error=None,
+                usage=None,
+                tool_calls=[],
+                asked_by=name,
+                model=state.model_name,
+            )
+        except BaseException:
+            answers.busy.discard(message_id)
+            await discard(run)
+            raise
         hub.notify(space_id)
         answers.run(state, run, fresh, name)
         return fresh
 
     @app.get("/web/api/spaces/{space_id}/events")
     async def events(
-        space_id: str, request: Request, after: Annotated[int | None, Query(ge=0)] = None
+        space_id: str, request: Request, after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None
     ) -> StreamingResponse:
         visible(member(request), space_id)
         last = request.headers.get("last-event-id", "")
-        start = int(last) if last.isdigit() else after if after is not None else store.cursor(space_id)
+        if last.isascii() and last.isdigit() and int(last) <= MAX_ID:
+            start = int(last)  # the browser reconnecting: what it saw last
+        else:
+            start = after if after is not None else store.cursor(space_id)
 
         def render(kind: str, ref: int) -> dict[str, Any] | None:
             if kind == "note_deleted":
                 return {"id": ref}
-            found = lookup(store.message if kind == "message" else store.note, ref)
-            return {k: v for k, v in found.items() if k != "space" or kind == "message"} if found else None
+            if kind == "message":
+                found = lookup(store.message, ref)
+                return answers.live(found) if found else None
+            note = lookup(store.note, ref)
+            return {k: v for k, v in note.items() if k != "space"} if note else None
 
-        stream = hub.stream(store, space_id, start, render, lambda: server.draining)
+        def allowed() -> bool:
+            """Still signed in and on the Space's team (a revoked key's stream ends)."""
+            who = auth.signed_in(server, store, request)
+            space = store.space(space_id)
+            return who is not None and space is not None and who.sees(space["team"])
+
+        stream = hub.stream(store, space_id, start, render, lambda: server.draining, allowed)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
@@ -327,23 +371,20 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
     async def add_note(space_id: str, body: NoteText, request: Request) -> dict[str, Any]:
         who = member(request)
         visible(who, space_id)
-        text = body.text.strip()
-        if not text:
-            raise bad_request("text: a note needs some text", "text")
-        return changed(space_id, store.add_note(space_id, text, author(who, body.author)))
+        return changed(space_id, store.add_note(space_id, note_text(body), author(who, body.author)))
 
     @app.patch("/web/api/spaces/{space_id}/notes/{note_id}")
-    async def edit_note(space_id: str, note_id: int, body: NoteText, request: Request) -> dict[str, Any]:
+    async def edit_note(space_id: str, note_id: RowId, body: NoteText, request: Request) -> dict[str, Any]:
         note_of(visible(member(request), space_id), note_id)
-        return changed(space_id, store.update_note(note_id, text=body.text.strip()))
+        return changed(space_id, store.update_note(note_id, text=note_text(body)))
 
     @app.post("/web/api/spaces/{space_id}/notes/{note_id}/confirm")
-    async def confirm_note(space_id: str, note_id: int, request: Request) -> dict[str, Any]:
+    async def confirm_note(space_id: str, note_id: RowId, request: Request) -> dict[str, Any]:
         note_of(visible(member(request), space_id), note_id)
         return changed(space_id, store.update_note(note_id, status="pinned"))
 
     @app.delete("/web/api/spaces/{space_id}/notes/{note_id}", status_code=204)
-    async def delete_note(space_id: str, note_id: int, request: Request) -> Response:
+    async def delete_note(space_id: str, note_id: RowId, request: Request) -> Response:
         note_of(visible(member(request), space_id), note_id)
         store.delete_note(note_id)
         hub.notify(space_id)

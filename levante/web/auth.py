@@ -18,7 +18,7 @@ from fastapi import Request, Response
 from levante.api.errors import APIError
 from levante.api.server import ADMIN, Server
 from levante.errors import LevanteError
-from levante.metering.ledger import Key
+from levante.metering.ledger import SERVER_TEAM, Key
 from levante.web.store import SESSION_SECONDS, Store, digest
 
 COOKIE = "levante_session"
@@ -47,7 +47,7 @@ def keys_required(server: Server) -> bool:
 
 
 def _member(key: Key, csrf: str | None) -> Member:
-    team = key.team if key.team is not None else "admin"  # the single --api-key belongs to no team
+    team = key.team if key.team is not None else SERVER_TEAM  # the single --api-key has no ledger team
     return Member(key.name, team, key.admin, key, csrf)
 
 

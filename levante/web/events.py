@@ -54,9 +54,11 @@ class Hub:
         after: int,
         render: Callable[[str, int], Any],
         stopping: Callable[[], bool],
+        allowed: Callable[[], bool],
     ) -> AsyncIterator[str]:
         """The page's events: first what it missed since event `after` (the current state of each
-        changed message or note), then live ones, until the server drains."""
+        changed message or note), then live ones, until the server drains or — checked at each
+        heartbeat — the member may no longer read the Space."""
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.pages[space].add(queue)  # before the replay, so nothing falls between the two
         queue.put_nowait(CHANGED)
@@ -69,6 +71,8 @@ class Hub:
                 except TimeoutError:
                     quiet += 1.0
                     if quiet >= HEARTBEAT_SECONDS:  # a comment, so proxies keep an idle stream open
+                        if not allowed():
+                            return
                         quiet = 0.0
                         yield ": ping\n\n"
                     continue

@@ -42,7 +42,12 @@ function route() {
   const path = location.pathname;
   const spaceMatch = /^\/spaces\/([^/]+)\/?$/.exec(path);
   if (path === "/model") unmount = mountModel(main, ctx);
-  else renderSpaces(spaceMatch ? decodeURIComponent(spaceMatch[1]) : null);
+  else renderSpaces(spaceMatch ? safeDecode(spaceMatch[1]) : null);
+}
+
+/** A path segment as typed; a malformed escape (/spaces/%E0) is looked up as is and not found. */
+function safeDecode(segment) {
+  try { return decodeURIComponent(segment); } catch { return segment; }
 }
 
 // Same-origin links change the view without a page load; API links (exports) and new tabs do not.

@@ -132,7 +132,6 @@ export function createComposer({ modelName, onSend }) {
   return {
     el: form,
     setText(text) { textarea.value = text; textarea.focus(); },
-    showError: (message) => showAlert(error, message),
   };
 }
 

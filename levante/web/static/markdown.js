@@ -7,7 +7,7 @@ export function escapeHtml(text) {
 }
 
 // Same-origin paths and inline images only: a remote <img> would leak who reads the thread.
-const localImage = (href) => /^\/(?!\/)/.test(href) || /^data:image\//.test(href);
+export const localImage = (href) => /^\/(?!\/)/.test(href) || /^data:image\//.test(href);
 
 const md = new Marked({
   gfm: true,

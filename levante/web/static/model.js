@@ -58,9 +58,9 @@ function calculator(debounce) {
     return [h("div", { class: "calc-field" }, h("label", { for: testid }, label), input), input];
   };
   const [seatsF, seats] = field("Seats", "calc-seats", 5, 1);
-  const [msgsF, msgs] = field("Messages per seat per day", "calc-messages", 80, 0);
-  const [inF, inTok] = field("Input tokens per message", "calc-input-tokens", 500, 0);
-  const [outF, outTok] = field("Output tokens per message", "calc-output-tokens", 300, 0);
+  const [msgsF, msgs] = field("Messages per seat per day", "calc-messages", 80, 1);
+  const [inF, inTok] = field("Input tokens per message", "calc-input-tokens", 500, 1);
+  const [outF, outTok] = field("Output tokens per message", "calc-output-tokens", 300, 1);
   const cost = h("output", { class: "calc-cost", "data-testid": "calc-cost", "aria-live": "polite" }, "…");
   const detail = h("p", { class: "muted small" });
   const error = alertBox("calc-error");

@@ -1,6 +1,6 @@
 // One open Space: the live thread, the composer, the Space's memory and the credits pool.
 import { h, api, money, count, timeLabel, avatar, alertBox, showAlert } from "./dom.js";
-import { renderMarkdown } from "./markdown.js";
+import { localImage, renderMarkdown } from "./markdown.js";
 import { createComposer, icon } from "./composer.js";
 
 const DOWNLOAD = "M12 4v11m0 0l-4.5-4.5M12 15l4.5-4.5M5 19.5h14";
@@ -133,10 +133,15 @@ export function mountSpace(root, ctx, id) {
 
   // Deltas re-render the whole partial answer (markdown needs it), at most once per frame.
   const pendingBodies = new Set();
-  function appendDelta({ id: mid, text }) {
+  // Each delta says where it starts: overlap (the page loaded mid-answer) is trimmed; a gap (a
+  // delta missed while reconnecting) is filled by reloading the Space, which holds the text so far.
+  function appendDelta({ id: mid, offset, text }) {
     const msg = messages.get(mid);
     if (!msg) return;
-    msg.content += text;
+    const have = msg.content.length;
+    if (offset > have) return void load().catch(() => {});
+    if (offset + text.length <= have) return;
+    msg.content += text.slice(have - offset);
     if (pendingBodies.size === 0) requestAnimationFrame(flushBodies);
     pendingBodies.add(mid);
   }
@@ -155,7 +160,7 @@ export function mountSpace(root, ctx, id) {
     const isAnswer = msg.role === "assistant";
     const body = h("div", { class: "md", "data-testid": "message-body" });
     body.innerHTML = renderMarkdown(msg.content);
-    const images = (msg.images ?? []).filter((src) => /^\/(?!\/)|^data:image\//.test(src));
+    const images = (msg.images ?? []).filter(localImage);
     return h("article", {
       class: `msg msg--${msg.role}`, "data-testid": "message",
       "data-id": msg.id, "data-role": msg.role, "data-status": msg.status,
