@@ -523,6 +523,7 @@ def test_an_uploaded_image_reaches_the_model(tiny: ServerProcess, browser: Brows
         new_space(member, "Photos")
         if image is not None:
             member.page.set_input_files("[data-testid=image-input]", str(image))
+            expect(member.page.locator("[data-testid=attachment]")).to_have_count(1)  # read, ready to send
         member.send("@tiny describe it")
         expect(member.messages("assistant").first).to_have_attribute("data-status", "done", timeout=60_000)
         expect(member.messages("user").first.locator("img")).to_have_count(0 if image is None else 1)

@@ -60,7 +60,7 @@ export function createComposer({ modelName, onSend }) {
   function renderThumbs() {
     thumbs.hidden = images.length === 0;
     thumbs.replaceChildren(...images.map((url, i) =>
-      h("div", { class: "thumb" },
+      h("div", { class: "thumb", "data-testid": "attachment" },
         h("img", { src: url, alt: `Attachment ${i + 1}` }),
         h("button", {
           type: "button", class: "thumb-remove", "aria-label": "Remove image", title: "Remove",
