@@ -25,8 +25,8 @@ run: $(STAMP)
 	$(VENV)/bin/levante serve --kv-cache-memory 1
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check levante tests benchmarks
-	$(VENV)/bin/ruff format --check levante tests benchmarks
+	$(VENV)/bin/ruff check levante tests benchmarks docs
+	$(VENV)/bin/ruff format --check levante tests benchmarks docs
 
 test: $(STAMP) browser lint
 	$(VENV)/bin/pytest -q

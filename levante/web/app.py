@@ -426,6 +426,7 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
     async def model(request: Request) -> dict[str, Any]:
         member(request)
         state = server.ready()
+        store.heartbeat(started)  # up until now, not until the last heartbeat
         return model_facts(server, state, store, answers.offers_tools(state))
 
     @app.get("/web/api/cost")
