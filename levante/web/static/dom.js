@@ -55,10 +55,12 @@ export async function api(path, method = "GET", body) {
   return data;
 }
 
-/** "$0.0123" below a dollar (API calls are cheap), "$12.34" above. */
+/** "$0.000021" for one cheap answer, "$0.0123" below a dollar, "$12.34" above. */
 export function money(usd) {
   if (usd == null || Number.isNaN(usd)) return "—";
-  return "$" + Number(usd).toFixed(Math.abs(usd) < 1 ? 4 : 2);
+  const value = Number(usd);
+  if (value !== 0 && Math.abs(value) < 0.0001) return "$" + value.toPrecision(2); // one answer: $0.000021
+  return "$" + value.toFixed(Math.abs(value) < 1 ? 4 : 2);
 }
 
 export const count = (n) => Number(n).toLocaleString("en-US");
