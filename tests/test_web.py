@@ -28,6 +28,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from servers import ServerProcess
 from test_metering import levante, new_key
 
+from levante.web.answers import Answers, mentions, thread_turns
 from levante.web.store import Store
 
 FLAGS = [
@@ -550,3 +551,45 @@ def test_local_workspace_opens_without_sign_in(demo: ServerProcess, browser: Bro
     with urllib.request.urlopen(f"{demo.url}/web/api/me") as resp:
         assert json.load(resp)["model"]["tools"] is False  # no tool-call format: no `remember` tool
     member.close()
+
+
+# ---- what the model reads -------------------------------------------------------------------------
+
+
+def test_mentions_turns_and_proposals(tmp_path: Path) -> None:
+    assert mentions("hey @smollm2, a question", "smollm2") and mentions("@smollm2", "smollm2")
+    assert not mentions("mail me at me@smollm2.org", "smollm2") and not mentions("@smollm2x", "smollm2")
+    thread = [
+        {
+            "role": "user",
+            "author": "Ana",
+            "content": "one",
+            "images": ["/web/api/images/a"],
+            "status": "done",
+        },
+        {"role": "user", "author": "Ben", "content": "two", "images": [], "status": "done"},
+        {"role": "assistant", "author": "m", "content": "half", "images": [], "status": "error"},
+        {"role": "assistant", "author": "m", "content": "answer", "images": [], "status": "done"},
+        {"role": "user", "author": "Ana", "content": "@m three", "images": [], "status": "done"},
+    ]
+    turns = thread_turns(thread, {"/web/api/images/a": "data:image/png;base64,AA"})
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]  # Ana and Ben merged; no failed answer
+    assert turns[0]["content"] == [
+        {"type": "text", "text": "Ana: one"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+        {"type": "text", "text": "Ben: two"},
+    ]
+    assert thread_turns(thread[:1], None)[0]["content"] == [{"type": "text", "text": "Ana: one [1 image(s)]"}]
+
+    store = Store(tmp_path / "spaces.db")
+    space = store.create_space("t", "Space", "Ana")["id"]
+    answers = Answers(None, store, None, None, None)  # type: ignore[arg-type]
+    state = type("State", (), {"model_name": "m"})()
+    answers.propose(state, space, {"name": "remember", "arguments": '{"note": " Ships Friday. "}'})
+    for bad in ('{"note": ""}', "not json", "[1]", '{"other": 1}'):
+        answers.propose(state, space, {"name": "remember", "arguments": bad})
+    answers.propose(state, space, {"name": "other_tool", "arguments": '{"note": "x"}'})
+    assert [(n["text"], n["author"], n["status"]) for n in store.notes(space)] == [
+        ("Ships Friday.", "m", "proposed")
+    ]
+    store.close()
