@@ -188,6 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_prompts=args.log_prompts,
         usage_db=args.usage_db,
         prices=prices_from_args(args),
+        mcp_config=args.mcp_config,
+        responses_db=args.responses_db or data_file(args, "responses"),
+        max_tool_rounds=args.max_tool_rounds,
+        tool_timeout=args.tool_timeout,
     )
     if args.ray:
         from levante.distributed.ray_serve import RayServeConfig, serve_on_ray
@@ -197,16 +201,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
         serve(config, None if args.no_web else web_app(args))
 
 
+def data_file(args: argparse.Namespace, stem: str) -> Path:
+    """A server's own SQLite file, one per port (two servers on one machine never share one):
+    beside --usage-db, else in $LEVANTE_DATA_DIR or ~/.local/share/levante."""
+    home = os.environ.get("LEVANTE_DATA_DIR") or Path.home() / ".local/share/levante"
+    return (args.usage_db.parent if args.usage_db is not None else Path(home)) / f"{stem}-{args.port}.db"
+
+
 def web_app(args: argparse.Namespace) -> Callable[..., None]:
     """The Spaces web app on the server's port, its store next to the usage ledger by default."""
     from levante.web import WebConfig, install
     from levante.web.answers import AnswerLimits
 
-    store = args.spaces_db
-    if store is None:  # one file per port: two servers on one machine never share (or lock) a store
-        home = os.environ.get("LEVANTE_DATA_DIR") or Path.home() / ".local/share/levante"
-        store = (args.usage_db.parent if args.usage_db is not None else Path(home)) / f"spaces-{args.port}.db"
-    config = WebConfig(store, AnswerLimits(args.space_context_tokens, args.space_max_tokens))
+    config = WebConfig(
+        args.spaces_db or data_file(args, "spaces"),
+        AnswerLimits(args.space_context_tokens, args.space_max_tokens),
+    )
     return lambda app, server: install(app, server, config)
 
 
@@ -373,6 +383,22 @@ def parser() -> argparse.ArgumentParser:
         help="prompt tokens a Space answer may read: memory + the newest messages that fit",
     )
     s.add_argument("--space-max-tokens", type=positive(int), default=1024, help="the longest Space answer")
+    s.add_argument(
+        "--mcp-config",
+        type=Path,
+        help='MCP servers the Responses API may call, in the mcpServers JSON format ({"mcpServers": {…}})',
+    )
+    s.add_argument(
+        "--responses-db",
+        type=Path,
+        help="stored responses, for previous_response_id (default: beside the Spaces)",
+    )
+    s.add_argument(
+        "--max-tool-rounds", type=positive(int), default=8, help="generate-and-call rounds per response"
+    )
+    s.add_argument(
+        "--tool-timeout", type=positive(float), default=60.0, help="seconds an MCP tool call may take"
+    )
     s.add_argument("--ray", action="store_true", help="serve through Ray Serve on the cluster in RAY_ADDRESS")
     s.add_argument("--replicas", type=positive(int), help="engine replicas with --ray (default 1)")
     s.add_argument(

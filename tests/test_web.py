@@ -148,9 +148,10 @@ class Member:
 
 
 def new_space(member: Member, title: str) -> str:
+    before = member.page.url
     member.page.fill("[data-testid=new-space-title]", title)
     member.page.click("[data-testid=new-space]")
-    member.page.wait_for_url("**/spaces/*")
+    member.page.wait_for_url(lambda url: "/spaces/" in url and url != before)  # not the Space open before
     expect(member.page.locator("[data-testid=connection]")).to_have_attribute("data-state", "open")
     return member.page.url.rsplit("/", 1)[1]
 

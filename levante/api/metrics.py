@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from levante.engine.async_engine import AsyncEngine
@@ -83,6 +84,25 @@ class Metrics:
         )
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY)
         self.queue = histogram("request_queue_time_seconds", "Time waiting before first scheduled.", _LATENCY)
+        self.mcp_up = Gauge(
+            "levante:mcp_server_up", "1 while an MCP server is connected.", ["server"], registry=self.registry
+        )
+        self.mcp_tools = Gauge(
+            "levante:mcp_server_tools", "Tools an MCP server lists.", ["server"], registry=self.registry
+        )
+        self.mcp_restarts = Gauge(
+            "levante:mcp_server_restarts",
+            "Times an MCP server was restarted.",
+            ["server"],
+            registry=self.registry,
+        )
+
+    def observe_mcp(self, status: dict[str, dict[str, Any]]) -> None:
+        """The MCP servers' state as of this scrape."""
+        for name, s in status.items():
+            self.mcp_up.labels(name).set(1 if s["state"] == "ready" else 0)
+            self.mcp_tools.labels(name).set(s["tools"])
+            self.mcp_restarts.labels(name).set(s["restarts"])
 
 
 class RequestTracker:

@@ -31,10 +31,12 @@ from levante.api.errors import APIError, bad_request, install
 from levante.api.images import ImagePolicy, resolve_messages
 from levante.api.metrics import Metrics, RequestTracker
 from levante.api.responses import Choice, chat_chunks, chat_response, completion_chunks, completion_response
+from levante.api.responses_api import Responder, ResponsesRequest, ResponseStore
 from levante.engine import AsyncEngine, Engine, EngineConfig, RequestError, SamplingParams
 from levante.engine.engine import Output
 from levante.engine.grammar import GrammarError
 from levante.errors import LevanteError, TokenizerError
+from levante.mcp import MCPServers, load_config
 from levante.metering.ledger import GROUPS, Entry, Key, Ledger, parse_day
 from levante.metering.prices import Prices
 from levante.tokenizer import PromptInputs
@@ -65,6 +67,10 @@ class ServerConfig:
     default_system_prompt: bool = True
     usage_db: Path | None = None  # the SQLite usage ledger: API keys, budgets, one row per request
     prices: Prices = field(default_factory=Prices)
+    mcp_config: Path | None = None  # the operator's MCP servers (mcpServers JSON) that responses may call
+    responses_db: Path | None = None  # stored responses (previous_response_id); None: kept in memory
+    max_tool_rounds: int = 8  # generate → run tools → generate … at most this many times per response
+    tool_timeout: float = 60.0  # seconds one MCP tool call may take
 
 
 ADMIN = Key(id=None, team=None, name="--api-key", hint="", admin=True)
@@ -152,6 +158,10 @@ class Server:
         self.load_error: str | None = None
         self.created = int(time.time())
         self.ledger = Ledger(config.usage_db) if config.usage_db is not None else None
+        servers = load_config(config.mcp_config) if config.mcp_config is not None else None
+        self.mcp = MCPServers(servers, call_timeout=config.tool_timeout) if servers is not None else None
+        store = ResponseStore(config.responses_db or Path(":memory:"))
+        self.responder = Responder(self, self.mcp, store, config.max_tool_rounds)
         self.links: list[tuple[str, str]] = []  # (what, path) printed under the curl line when ready
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -452,7 +462,11 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if server.mcp is not None:
+            await server.mcp.start()  # a broken MCP server is logged and retried; the API serves anyway
         yield
+        if server.mcp is not None:
+            await server.mcp.stop()
         if server.state is not None:
             server.state.engine.close()
 
@@ -486,7 +500,9 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         server.ready()
-        return Response(status_code=200)
+        if server.mcp is None:
+            return Response(status_code=200)
+        return JSONResponse({"status": "ok", "mcp": server.mcp.status()})  # down MCP servers do not fail it
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -495,6 +511,8 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         state = server.ready()
+        if server.mcp is not None:
+            state.metrics.observe_mcp(server.mcp.status())
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -568,6 +586,31 @@ def create_app(server: Server) -> FastAPI:
         body = completion_response(head, choices, params.n, state.tokenizer, echo, wants)
         return JSONResponse({**body, "usage": priced(body["usage"])})
 
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest, request: Request) -> Response:
+        state, caller = begin(request, req.model)
+        server.check_budget(caller)
+        team = caller.team if caller is not None and not caller.admin else None
+        run, offered = server.responder.begin(req, team)
+        events = server.responder.events(state, caller, run, offered)
+        if req.stream:
+            return StreamingResponse(
+                _response_events(events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        last = await _unless_disconnected(request, _last(events))
+        return JSONResponse(last["response"])
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+        _, caller = begin(request, None)
+        team = caller.team if caller is not None and not caller.admin else None
+        found = server.responder.store.get(response_id, team)
+        if found is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id")
+        return found[0]
+
     @app.post("/tokenize")
     async def tokenize(req: protocol.TokenizeRequest, request: Request) -> dict[str, Any]:
         state, _ = begin(request, req.model)
@@ -612,6 +655,32 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": rows}
 
     return app
+
+
+async def _last(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    async for event in events:
+        last = event
+    return last
+
+
+async def _response_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Responses API server-sent events; a failure mid-stream becomes an `error` event."""
+    sequence = 0
+    try:
+        async for event in events:
+            sequence = event["sequence_number"] + 1
+            yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    except (APIError, RequestError) as e:
+        err = e if isinstance(e, APIError) else bad_request(str(e))
+        body = {
+            "type": "error",
+            "sequence_number": sequence,
+            "code": err.code,
+            "message": err.message,
+            "param": err.param,
+        }
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
 
 
 def _check_ids(ids: list[int], state: State, where: str) -> None:

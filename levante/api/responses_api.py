@@ -1,0 +1,672 @@
+"""OpenAI's Responses API (`POST /v1/responses`, `GET /v1/responses/{id}`) with tools the server runs.
+
+A response is a loop of chat requests through the API's own path (`Server.start_chat`: the same
+budget check, grammar-constrained tool calls, ledger row per round under the caller's key):
+generate → run the calls the model made to the operator's MCP servers (concurrently, each with a
+timeout, results truncated to a stated size) → feed the results back → generate again, at most
+`max_tool_rounds` times. Calls to the client's own `function` tools end the response with
+`function_call` items, as in Chat Completions; MCP calls whose tool needs approval end it with
+`mcp_approval_request` items, answered by `mcp_approval_response` inputs on the next request.
+Every response is stored (SQLite) so `previous_response_id` continues the conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from levante.api import protocol
+from levante.api.errors import APIError, bad_request
+from levante.api.protocol import Strict
+from levante.api.responses import chat_chunks
+from levante.errors import LevanteError
+from levante.mcp import MCPServers, ToolCallFailed
+
+if TYPE_CHECKING:
+    from levante.api.server import Server, State
+    from levante.metering.ledger import Key
+
+RESULT_CHARS = 16_000  # a tool result longer than this reaches the model truncated (and says so)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+
+class ToolNames(Strict):
+    tool_names: list[str] = Field(default_factory=list)
+
+
+class ApprovalFilter(Strict):
+    always: ToolNames | None = None
+    never: ToolNames | None = None
+
+
+class FunctionTool(Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class MCPTool(Strict):
+    type: Literal["mcp"]
+    server_label: str
+    server_url: str | None = None  # refused: servers are the operator's (--mcp-config), never dialled
+    allowed_tools: list[str] | ToolNames | None = None
+    require_approval: Literal["always", "never"] | ApprovalFilter = "always"
+    headers: dict[str, str] | None = None  # refused with server_url
+    server_description: str | None = None
+
+
+class TextFormat(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class NamedFunction(Strict):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesRequest(Strict):
+    model: str | None = None
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    tools: list[FunctionTool | MCPTool] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction = "auto"
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = None  # accepted: nothing optional is left out of what we return
+
+
+# ---- input items → chat messages ---------------------------------------------------------------
+
+
+def _content(parts: str | list[dict[str, Any]], where: str) -> str | list[dict[str, Any]]:
+    """A message's content as chat content parts (input_text/output_text → text, input_image →
+    image_url)."""
+    if isinstance(parts, str):
+        return parts
+    out: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            out.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            raise bad_request(f"{where}.content[{j}]: unsupported content part {kind!r}", f"{where}.content")
+    return out
+
+
+def _result_text(content: list[dict[str, Any]]) -> str:
+    text = "\n".join(
+        c["text"] if c["type"] == "text" else f"[image {c.get('mime_type', '')}]" for c in content
+    )
+    if len(text) > RESULT_CHARS:
+        text = text[:RESULT_CHARS] + f"\n[truncated: {len(text) - RESULT_CHARS} more characters]"
+    return text
+
+
+def _need(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise bad_request(f"{where}.{key}: expected a string", f"{where}.{key}")
+    return value
+
+
+def to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conversation items (inputs and earlier outputs) as chat messages: function and MCP calls
+    become assistant tool calls followed by their results as tool messages."""
+    messages: list[dict[str, Any]] = []
+
+    def call(call_id: str, name: str, arguments: str) -> None:
+        entry = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+            last["tool_calls"].append(entry)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [entry]})
+
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"{where}: expected an object", where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise bad_request(
+                    f"{where}.role: expected user, system, developer or assistant", f"{where}.role"
+                )
+            if "content" not in item:
+                raise bad_request(f"{where}: a message needs content", f"{where}.content")
+            messages.append({"role": role, "content": _content(item["content"], where)})
+        elif kind == "function_call":
+            call(_need(item, "call_id", where), _need(item, "name", where), item.get("arguments") or "{}")
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else json.dumps(output)
+            messages.append({"role": "tool", "tool_call_id": _need(item, "call_id", where), "content": text})
+        elif kind == "mcp_call":  # as this server returned it, or as a client echoes OpenAI's item back
+            call_id = item.get("call_id") or _need(item, "id", where)
+            name = (
+                item.get("model_name") or f"{_need(item, 'server_label', where)}_{_need(item, 'name', where)}"
+            )
+            call(call_id, name[:64], item.get("arguments") or "{}")
+            result = item.get("output") if item.get("error") is None else f"error: {item['error']}"
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": result or ""})
+        elif kind not in ("mcp_list_tools", "mcp_approval_request", "mcp_approval_response"):
+            raise bad_request(f"{where}.type: unsupported input item {kind!r}", f"{where}.type")
+    return messages
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Offered:
+    """An MCP tool as the model sees it (`<label>_<tool>`) and where it runs."""
+
+    label: str
+    tool: str
+    approval: bool
+    spec: dict[str, Any]
+
+
+@dataclass
+class Run:
+    """One response: its items, usage and events."""
+
+    id: str
+    request: ResponsesRequest
+    history: list[dict[str, Any]]  # earlier conversation items (from previous_response_id)
+    inputs: list[dict[str, Any]]
+    output: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=lambda: {"input": 0, "cached": 0, "output": 0})
+    sequence: int = 0
+    created: float = field(default_factory=time.time)
+
+    def event(self, kind: str, **body: Any) -> dict[str, Any]:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence - 1, **body}
+
+    def body(
+        self, model: str, status: str, error: dict[str, Any] | None = None, reason: str | None = None
+    ) -> dict:
+        req = self.request
+        fmt = (
+            req.text.format.model_dump(by_alias=True, exclude_none=True)
+            if req.text and req.text.format
+            else None
+        )
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": int(self.created),
+            "status": status,
+            "model": model,
+            "output": self.output,
+            "instructions": req.instructions,
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools],
+            "tool_choice": req.tool_choice
+            if isinstance(req.tool_choice, str)
+            else req.tool_choice.model_dump(),
+            "parallel_tool_calls": req.parallel_tool_calls,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "max_output_tokens": req.max_output_tokens,
+            "previous_response_id": req.previous_response_id,
+            "store": req.store,
+            "text": {"format": fmt or {"type": "text"}},
+            "metadata": req.metadata or {},
+            "error": error,
+            "incomplete_details": {"reason": reason} if reason else None,
+            "usage": {
+                "input_tokens": self.usage["input"],
+                "input_tokens_details": {"cached_tokens": self.usage["cached"]},
+                "output_tokens": self.usage["output"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.usage["input"] + self.usage["output"],
+            },
+        }
+
+
+class ResponseStore:
+    """Stored responses (SQLite, WAL): the response body and the conversation items that led to it,
+    so a later request can continue from it."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, created REAL NOT NULL, "
+                "team TEXT, body TEXT NOT NULL, items TEXT NOT NULL)"
+            )
+        except (OSError, sqlite3.Error) as e:
+            raise LevanteError(f"{path}: cannot open the responses store ({e})") from None
+        self.lock = threading.Lock()
+
+    def put(self, body: dict[str, Any], items: list[dict[str, Any]], team: str | None) -> None:
+        with self.lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                (body["id"], time.time(), team, json.dumps(body), json.dumps(items)),
+            )
+
+    def get(self, response_id: str, team: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """A stored response visible to `team` (None: every team's, for admins and keyless servers)."""
+        row = self.db.execute(
+            "SELECT team, body, items FROM responses WHERE id = ?", (response_id,)
+        ).fetchone()
+        if row is None or (team is not None and row[0] != team):
+            return None
+        return json.loads(row[1]), json.loads(row[2])
+
+
+def _format(req: ResponsesRequest) -> dict[str, Any] | None:
+    fmt = req.text.format if req.text else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if fmt.json_schema is None:
+        raise bad_request("text.format: a json_schema format needs its schema", "text.format.schema")
+    schema = {"name": fmt.name or "answer", "schema": fmt.json_schema, "strict": fmt.strict}
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _approval(tool: MCPTool, name: str) -> bool:
+    rule = tool.require_approval
+    if isinstance(rule, str):
+        return rule == "always"
+    if rule.never is not None and name in rule.never.tool_names:
+        return False
+    return rule.always is None or not rule.always.tool_names or name in rule.always.tool_names
+
+
+class Responder:
+    """Runs responses for one server: the MCP servers it may call, where responses are stored and
+    how many rounds a response may take."""
+
+    def __init__(self, server: Server, mcp: MCPServers | None, store: ResponseStore, max_rounds: int) -> None:
+        self.server, self.mcp, self.store, self.max_rounds = server, mcp, store, max_rounds
+
+    def offered(self, req: ResponsesRequest) -> dict[str, Offered]:
+        """The MCP tools this request lets the model call, by the name the model sees."""
+        out: dict[str, Offered] = {}
+        functions = {t.name for t in req.tools if isinstance(t, FunctionTool)}
+        for i, tool in enumerate(req.tools):
+            if not isinstance(tool, MCPTool):
+                continue
+            where = f"tools[{i}]"
+            if tool.server_url is not None or tool.headers is not None:
+                raise bad_request(
+                    f"{where}.server_url: this server calls only the MCP servers its operator configured "
+                    "(levante serve --mcp-config); name one by server_label",
+                    f"{where}.server_url",
+                )
+            labels = self.mcp.names() if self.mcp is not None else []
+            if tool.server_label not in labels:
+                known = ", ".join(labels) or "none (start the server with --mcp-config)"
+                raise bad_request(
+                    f"{where}.server_label: no MCP server {tool.server_label!r}; configured: {known}",
+                    f"{where}.server_label",
+                )
+            allowed = tool.allowed_tools
+            names = allowed.tool_names if isinstance(allowed, ToolNames) else allowed
+            assert self.mcp is not None
+            for spec in self.mcp.tools(tool.server_label):
+                if names is not None and spec.name not in names:
+                    continue
+                seen = f"{tool.server_label}_{spec.name}"[:64]
+                if seen in functions or seen in out:
+                    raise bad_request(f"{where}: the tool name {seen!r} is offered twice", where)
+                # arguments the tool did not declare cannot help it: the grammar leaves them out
+                parameters = {"additionalProperties": False, **spec.input_schema}
+                function = {"name": seen, "description": spec.description, "parameters": parameters}
+                out[seen] = Offered(tool.server_label, spec.name, _approval(tool, spec.name), function)
+        return out
+
+    def begin(self, req: ResponsesRequest, team: str | None) -> tuple[Run, dict[str, Offered]]:
+        """The response's run with its history, checked before anything is generated."""
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            found = self.store.get(req.previous_response_id, team)
+            if found is None:
+                raise APIError(
+                    404,
+                    f"Previous response with id '{req.previous_response_id}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            history = found[1]
+        inputs = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else list(req.input)
+        offered = self.offered(req)
+        to_messages(history + inputs)  # every item readable, before anything runs
+        return Run(new_id("resp"), req, history, inputs), offered
+
+    async def events(
+        self, state: State, caller: Key | None, run: Run, offered: dict[str, Offered]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The response as Responses API stream events, the last one carrying the whole response."""
+        req, model = run.request, state.model_name
+        yield run.event("response.created", response=run.body(model, "in_progress"))
+        yield run.event("response.in_progress", response=run.body(model, "in_progress"))
+        for label in sorted({o.label for o in offered.values()}):
+            item = {
+                "type": "mcp_list_tools",
+                "id": new_id("mcpl"),
+                "server_label": label,
+                "tools": [
+                    {
+                        "name": o.tool,
+                        "description": o.spec["description"],
+                        "input_schema": o.spec["parameters"],
+                    }
+                    for o in offered.values()
+                    if o.label == label
+                ],
+            }
+            for event in self._item(run, item, "mcp_list_tools", ("in_progress", "completed")):
+                yield event
+        answered = await self._approved(run, offered)
+        for item in answered:
+            for event in self._item(
+                run, item, "mcp_call", ("in_progress", "completed" if not item["error"] else "failed")
+            ):
+                yield event
+        messages = to_messages(run.history + run.inputs + run.output)
+        if req.instructions:
+            messages = [{"role": "system", "content": req.instructions}, *messages]
+        tools = [
+            {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
+            for t in req.tools
+            if isinstance(t, FunctionTool)
+        ] + [{"type": "function", "function": o.spec} for o in offered.values()]
+        for _ in range(self.max_rounds):
+            left = req.max_output_tokens - run.usage["output"] if req.max_output_tokens is not None else None
+            if left is not None and left <= 0:  # max_output_tokens bounds the whole response, every round
+                yield run.event(
+                    "response.incomplete", response=run.body(model, "incomplete", reason="max_output_tokens")
+                )
+                self._keep(run, caller, model, "incomplete", "max_output_tokens")
+                return
+            body: dict[str, Any] = {"messages": messages, "max_tokens": left}
+            body.update(temperature=req.temperature, top_p=req.top_p, response_format=_format(req))
+            if tools:
+                choice = req.tool_choice
+                body.update(tools=tools, parallel_tool_calls=req.parallel_tool_calls)
+                body["tool_choice"] = (
+                    choice
+                    if isinstance(choice, str)
+                    else {"type": "function", "function": {"name": choice.name}}
+                )
+            try:
+                chat = await self.server.start_chat(
+                    state, caller, protocol.ChatRequest.model_validate(body), "responses"
+                )
+            except APIError as e:
+                if not run.output:
+                    raise  # nothing has happened yet: the request itself is refused
+                error = {"code": e.code or "error", "message": e.message}
+                yield run.event("response.failed", response=run.body(model, "failed", error=error))
+                return
+            calls: dict[int, dict[str, str]] = {}
+            text: list[str] = []
+            message = {
+                "type": "message",
+                "id": new_id("msg"),
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            }
+            index = len(run.output)
+            chunks = chat_chunks(chat.head, chat.outputs, 1, state.tokenizer, False, chat.plan.tool_names)
+            try:
+                async for chunk in chunks:
+                    for choice_delta in chunk["choices"]:
+                        delta = choice_delta["delta"]
+                        if delta.get("content"):
+                            if not text:
+                                run.output.append(message)
+                                yield run.event(
+                                    "response.output_item.added", output_index=index, item=message
+                                )
+                                part = {"type": "output_text", "text": "", "annotations": []}
+                                yield run.event(
+                                    "response.content_part.added",
+                                    item_id=message["id"],
+                                    output_index=index,
+                                    content_index=0,
+                                    part=part,
+                                )
+                            text.append(delta["content"])
+                            yield run.event(
+                                "response.output_text.delta",
+                                item_id=message["id"],
+                                output_index=index,
+                                content_index=0,
+                                delta=delta["content"],
+                                logprobs=[],
+                            )
+                        for call in delta.get("tool_calls") or ():
+                            entry = calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+                            function = call.get("function") or {}
+                            entry["id"] = call.get("id") or entry["id"]
+                            entry["name"] = function.get("name") or entry["name"]
+                            entry["arguments"] += function.get("arguments") or ""
+            finally:
+                await chunks.aclose()
+            t = chat.tracker
+            run.usage["input"] += t.prompt_tokens
+            run.usage["cached"] += t.cached_tokens
+            run.usage["output"] += t.tokens
+            if text:
+                part = {"type": "output_text", "text": "".join(text), "annotations": []}
+                message.update(status="completed", content=[part])
+                yield run.event(
+                    "response.output_text.done",
+                    item_id=message["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=part["text"],
+                    logprobs=[],
+                )
+                yield run.event(
+                    "response.content_part.done",
+                    item_id=message["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=part,
+                )
+                yield run.event("response.output_item.done", output_index=index, item=message)
+            cut = t.reasons == ["length"]  # the output ran out: the last call may be unfinished
+            if not calls:
+                incomplete = "max_output_tokens" if cut else None
+                status = "incomplete" if incomplete else "completed"
+                yield run.event(f"response.{status}", response=run.body(model, status, reason=incomplete))
+                self._keep(run, caller, model, status, incomplete)
+                return
+            stop = cut
+            executed: list[tuple[dict[str, Any], Offered]] = []
+            for call in calls.values():
+                mcp = offered.get(call["name"])
+                if mcp is None:  # the client's own function: it runs it and sends the output back
+                    item = {
+                        "type": "function_call",
+                        "id": new_id("fc"),
+                        "call_id": call["id"],
+                        "name": call["name"],
+                        "arguments": call["arguments"],
+                        "status": "completed",
+                    }
+                    for event in self._item(run, item, None, ()):
+                        yield event
+                    stop = True
+                elif mcp.approval:
+                    item = {
+                        "type": "mcp_approval_request",
+                        "id": call["id"],
+                        "server_label": mcp.label,
+                        "name": mcp.tool,
+                        "arguments": call["arguments"],
+                    }
+                    for event in self._item(run, item, None, ()):
+                        yield event
+                    stop = True
+                else:
+                    item = self._mcp_item(call["id"], mcp, call["arguments"])
+                    executed.append((item, mcp))
+            if cut and executed and not _is_json(executed[-1][0]["arguments"]):
+                executed[-1][0].update(error="the call was cut off at max_output_tokens", status="failed")
+            if executed:
+                for item, _ in executed:
+                    run.output.append(item)
+                    yield run.event("response.output_item.added", output_index=len(run.output) - 1, item=item)
+                    yield run.event(
+                        "response.mcp_call.in_progress", output_index=len(run.output) - 1, item_id=item["id"]
+                    )
+                await asyncio.gather(*(self._call(item, mcp) for item, mcp in executed if not item["error"]))
+                for item, _ in executed:
+                    position = run.output.index(item)
+                    outcome = "failed" if item["error"] else "completed"
+                    yield run.event(f"response.mcp_call.{outcome}", output_index=position, item_id=item["id"])
+                    yield run.event("response.output_item.done", output_index=position, item=item)
+            if stop:  # the client's turn (its functions, approvals), or the output ran out
+                reason = "max_output_tokens" if cut else None
+                status = "incomplete" if cut else "completed"
+                yield run.event(f"response.{status}", response=run.body(model, status, reason=reason))
+                self._keep(run, caller, model, status, reason)
+                return
+            messages = to_messages(run.history + run.inputs + run.output)
+            if req.instructions:
+                messages = [{"role": "system", "content": req.instructions}, *messages]
+        reason = "max_tool_rounds"
+        yield run.event("response.incomplete", response=run.body(model, "incomplete", reason=reason))
+        self._keep(run, caller, model, "incomplete", reason)
+
+    def _item(
+        self, run: Run, item: dict[str, Any], kind: str | None, phases: tuple[str, ...]
+    ) -> list[dict[str, Any]]:
+        """An output item's events: added, its own phases (e.g. mcp_list_tools in_progress,
+        completed), done."""
+        run.output.append(item)
+        index = len(run.output) - 1
+        events = [run.event("response.output_item.added", output_index=index, item=item)]
+        events += [run.event(f"response.{kind}.{p}", output_index=index, item_id=item["id"]) for p in phases]
+        events.append(run.event("response.output_item.done", output_index=index, item=item))
+        return events
+
+    @staticmethod
+    def _mcp_item(call_id: str, mcp: Offered, arguments: str) -> dict[str, Any]:
+        return {
+            "type": "mcp_call",
+            "id": new_id("mcp"),
+            "call_id": call_id,
+            "model_name": f"{mcp.label}_{mcp.tool}"[:64],
+            "server_label": mcp.label,
+            "name": mcp.tool,
+            "arguments": arguments,
+            "output": None,
+            "error": None,
+            "status": "in_progress",
+        }
+
+    async def _call(self, item: dict[str, Any], mcp: Offered) -> None:
+        """Runs one MCP call into its item: output, or the error the model and client are told."""
+        assert self.mcp is not None
+        started = time.monotonic()
+        try:
+            arguments = json.loads(item["arguments"] or "{}")
+            result = await self.mcp.call(mcp.label, mcp.tool, arguments)
+        except json.JSONDecodeError as e:
+            item.update(error=f"the arguments are not JSON: {e}", status="failed")
+        except ToolCallFailed as e:
+            item.update(error=str(e), status="failed")
+        else:
+            text = _result_text(result.content)
+            if result.is_error:
+                item.update(error=text or "the tool failed", status="failed")
+            else:
+                item.update(output=text, status="completed")
+        item["duration"] = round(time.monotonic() - started, 3)
+
+    async def _approved(self, run: Run, offered: dict[str, Offered]) -> list[dict[str, Any]]:
+        """The calls this request's `mcp_approval_response` inputs answer: run if approved, else
+        reported to the model as declined."""
+        requests = {i["id"]: i for i in run.history if i.get("type") == "mcp_approval_request"}
+        done = []
+        for i, item in enumerate(run.inputs):
+            if item.get("type") != "mcp_approval_response":
+                continue
+            asked = requests.get(item.get("approval_request_id", ""))
+            if asked is None:
+                raise bad_request(
+                    f"input[{i}].approval_request_id: no mcp_approval_request of that id in the conversation",
+                    f"input[{i}].approval_request_id",
+                )
+            mcp = next(
+                (o for o in offered.values() if o.label == asked["server_label"] and o.tool == asked["name"]),
+                None,
+            )
+            if mcp is None:
+                raise bad_request(
+                    f"input[{i}]: the tool {asked['name']!r} is not offered in this request", f"input[{i}]"
+                )
+            call = self._mcp_item(asked["id"], mcp, asked["arguments"])
+            if item.get("approve"):
+                await self._call(call, mcp)
+            else:
+                call.update(error="the user declined this call", status="failed")
+            done.append(call)
+        return done
+
+    def _keep(self, run: Run, caller: Key | None, model: str, status: str, reason: str | None) -> None:
+        if run.request.store:
+            team = caller.team if caller is not None and not caller.admin else None
+            items = run.history + run.inputs + run.output
+            self.store.put(run.body(model, status, reason=reason), items, team)

@@ -1,0 +1,309 @@
+"""OpenAI's Responses API on a real server (tiny Mistral3, whose tool calls are grammar-constrained),
+driven by the official `openai` client, with a real MCP server (stdio, written here) that the
+server runs tools on: function tools round-trip through the client, MCP tools run in the loop,
+approvals, failing and hanging tools, the round limit, the pool running out between rounds,
+stored responses and streaming events."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from servers import ServerProcess, post
+from test_metering import levante, new_key
+
+TOOLS_SERVER = '''
+import asyncio
+from typing import Annotated, Literal
+from pydantic import Field
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("tools")
+Digit = Annotated[int, Field(ge=0, le=9)]
+
+@server.tool()
+def add(a: Digit, b: Digit) -> str:
+    """Adds two digits."""
+    return f"{a} + {b} = {a + b}"
+
+@server.tool()
+def fail(reason: Literal["always"]) -> str:
+    """Always fails."""
+    raise ValueError("this tool always fails")
+
+@server.tool()
+async def hang(reason: Literal["forever"]) -> str:
+    """Never returns."""
+    await asyncio.sleep(3600)
+    return "never"
+
+server.run("stdio")
+'''
+
+
+@dataclass
+class Served:
+    server: ServerProcess
+    db: Path
+    key: str
+    client: openai.OpenAI
+
+
+@pytest.fixture(scope="module")
+def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("responses")
+    model = home / "tiny"
+    shutil.copytree(tiny_mistral, model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
+    script = home / "tools_server.py"
+    script.write_text(TOOLS_SERVER)
+    config = home / "mcp.json"
+    config.write_text(
+        json.dumps({"mcpServers": {"tools": {"command": sys.executable, "args": [str(script)]}}})
+    )
+    db = home / "usage.db"
+    key = new_key(db, "lab", "ana")
+    args = ["--model", str(model), "--kv-cache-memory", "0.05", "--served-model-name", "tiny", "--no-web"]
+    args += [
+        "--usage-db",
+        str(db),
+        "--mcp-config",
+        str(config),
+        "--max-tool-rounds",
+        "3",
+        "--tool-timeout",
+        "2",
+    ]
+    server = ServerProcess(args, home / "server.log")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
+        yield Served(server, db, key, client)
+    finally:
+        server.stop()
+
+
+def mcp_tool(**extra: Any) -> dict[str, Any]:
+    return {"type": "mcp", "server_label": "tools", "require_approval": "never", **extra}
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def items(response: Any, kind: str) -> list[Any]:
+    return [item for item in response.output if item.type == kind]
+
+
+def test_text_stored_and_continued(served: Served) -> None:
+    first = served.client.responses.create(model="tiny", input="Hello there", max_output_tokens=6)
+    assert first.status in ("completed", "incomplete") and first.object == "response"
+    assert first.output_text and first.usage.input_tokens > 0 and first.usage.output_tokens > 0
+    again = served.client.responses.retrieve(first.id)
+    assert again.output_text == first.output_text
+    follow = served.client.responses.create(
+        model="tiny",
+        input="And then?",
+        previous_response_id=first.id,
+        max_output_tokens=6,
+        instructions="Be brief.",
+    )
+    assert follow.usage.input_tokens > first.usage.input_tokens  # it read the first turn too
+    with pytest.raises(openai.NotFoundError):
+        served.client.responses.create(model="tiny", input="x", previous_response_id="resp_missing")
+
+
+def test_function_tool_round_trip(served: Served) -> None:
+    asked = served.client.responses.create(
+        model="tiny",
+        input="Weather in Paris?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=30,
+    )
+    (call,) = items(asked, "function_call")
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Lyon")
+    answered = served.client.responses.create(
+        model="tiny",
+        previous_response_id=asked.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_output_tokens=5,
+    )
+    assert answered.output_text and not items(answered, "function_call")
+    assert answered.usage.input_tokens > asked.usage.input_tokens  # the call and its result were read
+
+
+def test_mcp_tools_run_in_the_loop_until_the_round_limit(served: Served) -> None:
+    before = len(ledger(served.db))
+    response = served.client.responses.create(
+        model="tiny",
+        input="Add some digits.",
+        tools=[mcp_tool(allowed_tools=["add"])],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=300,
+    )
+    (listed,) = items(response, "mcp_list_tools")
+    assert [t.name for t in listed.tools] == ["add"]  # allowed_tools honoured
+    calls = items(response, "mcp_call")
+    assert len(calls) == 3 and all(c.name == "add" and c.server_label == "tools" for c in calls)
+    for c in calls:
+        args = json.loads(c.arguments)
+        assert c.error is None and c.output == f"{args['a']} + {args['b']} = {args['a'] + args['b']}"
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_tool_rounds"
+    rows = ledger(served.db)[before:]
+    assert len(rows) == 3 and all(r["key_name"] == "ana" and r["endpoint"] == "responses" for r in rows)
+    assert response.usage.input_tokens == sum(r["prompt_tokens"] for r in rows)  # every round metered
+
+
+def test_parallel_calls_run_and_a_cut_off_call_is_not(served: Served) -> None:
+    response = served.client.responses.create(
+        model="tiny",
+        input="Add several pairs.",
+        tools=[mcp_tool(allowed_tools=["add"])],
+        tool_choice="required",
+        max_output_tokens=60,
+    )
+    calls = items(response, "mcp_call")
+    done = [c for c in calls if c.error is None]
+    assert len(done) >= 2  # several calls of one round, run together
+    for c in done:
+        args = json.loads(c.arguments)
+        assert c.output == f"{args['a']} + {args['b']} = {args['a'] + args['b']}"
+    if response.status == "incomplete":  # the random model kept calling until the output ran out
+        assert response.incomplete_details.reason == "max_output_tokens"
+        assert all(c.error == "the call was cut off at max_output_tokens" for c in calls if c.error)
+
+
+def test_failing_and_hanging_tools_are_reported_to_the_model(served: Served) -> None:
+    for tool, complaint in (("fail", "fail"), ("hang", "no answer within 2 s")):
+        response = served.client.responses.create(
+            model="tiny",
+            input="Try it.",
+            tools=[mcp_tool(allowed_tools=[tool])],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=30,
+        )
+        call = items(response, "mcp_call")[0]
+        assert call.output is None and complaint in call.error, (tool, call.error)
+
+
+def test_approval_flow(served: Served) -> None:
+    asked = served.client.responses.create(
+        model="tiny",
+        input="Add digits.",
+        tools=[mcp_tool(allowed_tools=["add"], require_approval="always")],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=300,
+    )
+    (request,) = items(asked, "mcp_approval_request")
+    assert request.name == "add" and not items(asked, "mcp_call")  # nothing ran unapproved
+    approved = served.client.responses.create(
+        model="tiny",
+        previous_response_id=asked.id,
+        input=[{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}],
+        tools=[mcp_tool(allowed_tools=["add"], require_approval="always")],
+        tool_choice="none",
+        max_output_tokens=5,
+    )
+    (call,) = items(approved, "mcp_call")
+    args = json.loads(request.arguments)
+    assert call.output == f"{args['a']} + {args['b']} = {args['a'] + args['b']}"
+
+
+def test_streamed_events_in_order(served: Served) -> None:
+    stream = served.client.responses.create(
+        model="tiny",
+        input="Add digits.",
+        tools=[mcp_tool(allowed_tools=["add"])],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=300,
+        stream=True,
+    )
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[2:6] == [
+        "response.output_item.added",
+        "response.mcp_list_tools.in_progress",
+        "response.mcp_list_tools.completed",
+        "response.output_item.done",
+    ]
+    assert "response.mcp_call.in_progress" in kinds and "response.mcp_call.completed" in kinds
+    assert kinds.index("response.mcp_call.in_progress") < kinds.index("response.mcp_call.completed")
+    assert kinds[-1] == "response.incomplete"
+    final = events[-1].response
+    assert len(items(final, "mcp_call")) == 3
+
+
+def test_the_pool_running_out_between_rounds_fails_the_response(served: Served) -> None:
+    team_key = new_key(served.db, "small", "bo")
+    assert levante(served.db, "keys", "set-budget", "--team", "small", "0.0000000001").returncode == 0
+    client = openai.OpenAI(base_url=f"{served.server.url}/v1", api_key=team_key, max_retries=0, timeout=120)
+    response = client.responses.create(
+        model="tiny",
+        input="Add.",
+        tools=[mcp_tool(allowed_tools=["add"])],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=300,
+    )
+    assert response.status == "failed" and response.error.code == "budget_exceeded"
+    assert len(items(response, "mcp_call")) == 1  # the first round ran, the second was refused
+    with pytest.raises(openai.RateLimitError):  # and now the request itself is refused
+        client.responses.create(model="tiny", input="Again.")
+
+
+def test_bad_requests_name_the_field(served: Served) -> None:
+    headers = {"Authorization": f"Bearer {served.key}"}
+    cases = [
+        (
+            {"input": "x", "tools": [{"type": "mcp", "server_label": "x", "server_url": "http://10.0.0.1/"}]},
+            "tools[0].server_url",
+        ),
+        ({"input": "x", "tools": [{"type": "mcp", "server_label": "nope"}]}, "tools[0].server_label"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        ({"input": [{"type": "telepathy"}]}, "input[0].type"),
+        ({"input": "x", "temperature": 5}, "temperature"),
+        ({"input": "x", "reasoning_effort": "high"}, "reasoning_effort"),
+        (
+            {"input": [{"type": "mcp_approval_response", "approval_request_id": "nope", "approve": True}]},
+            "input[0].approval_request_id",
+        ),
+    ]
+    for body, param in cases:
+        status, error = post(served.server.url, "/v1/responses", {"model": "tiny", **body}, headers)
+        assert status == 400 and error["error"]["param"] == param, (body, status, error)
+    with urllib.request.urlopen(f"{served.server.url}/health") as resp:  # MCP servers' state, up or not
+        assert json.load(resp)["mcp"]["tools"]["state"] == "ready"
+
+
+def ledger(db: Path) -> list[Any]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM requests WHERE endpoint = 'responses' ORDER BY time").fetchall()
