@@ -214,12 +214,39 @@ FORCED = {  # each: the build it must give, and what forces it
 }
 
 
+NARROWER = [  # the kernels' tests: the loader's and CLI's run once, in the main run
+    "-k",
+    "not demo and not served and not at_load and not cli and not mixed_type and not narrows"
+    " and not refused_where",
+]
+
+
+@pytest.fixture(scope="module")
+def narrower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Every forced-ISA subprocess started at once (each builds its kernels as one single-threaded
+    compile, so on two cores they overlap): the exit status and output of each."""
+    tests = [
+        __file__,
+        *(str(Path(__file__).with_name(f)) for f in ("test_attention.py", "test_quantized.py")),
+    ]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, *NARROWER]
+    logs = tmp_path_factory.mktemp("narrower")
+    running = {}
+    for isa, (_, forced) in FORCED.items():
+        env = {**os.environ, **forced, "LEVANTE_FORCED_ISA": isa}
+        with (logs / f"{isa}.log").open("w") as out:
+            running[isa] = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return {isa: (proc.wait(timeout=900), (logs / f"{isa}.log").read_text()) for isa, proc in running.items()}
+
+
 @pytest.mark.skipif(
     bool(os.environ.get("LEVANTE_FORCED_ISA")),
     reason="this run is itself a forced-ISA subprocess of that test and must not start another",
 )
 @pytest.mark.parametrize("isa", list(FORCED))
-def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
+def test_the_same_holds_on_narrower_instruction_sets(
+    isa: str, narrower_runs: dict[str, tuple[int, str]]
+) -> None:
     """This file's kernel and tiny-Mistral3 checks, the attention kernel's tests and the quantized
     matmul's (each type against gguf's dequantization and the integer reference), in a
     subprocess whose kernels (and ATen's and oneDNN's) are built for a narrower ISA than this
@@ -230,25 +257,9 @@ def test_the_same_holds_on_narrower_instruction_sets(isa: str) -> None:
     probe = [sys.executable, "-c", "from levante import kernels; print(kernels.target()[0])"]
     name = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert name.startswith(build) if build == "avx2" else name.endswith(build), name
-    tests = [
-        __file__,
-        *(str(Path(__file__).with_name(f)) for f in ("test_attention.py", "test_quantized.py")),
-    ]
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        *tests,
-        "-k",  # the kernels' tests: the loader's and CLI's run once, in the main run
-        "not demo and not served and not at_load and not cli and not mixed_type and not narrows"
-        " and not refused_where",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "failed" not in done.stdout
+    status, output = narrower_runs[isa]
+    assert status == 0, output[-6000:]
+    assert " passed" in output and "failed" not in output
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
