@@ -6,23 +6,40 @@ stored responses and streaming events."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import sqlite3
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import openai
 import pytest
+from agents import (
+    Agent,
+    HostedMCPTool,
+    MaxTurnsExceeded,
+    ModelBehaviorError,
+    ModelSettings,
+    OpenAIResponsesModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
+from openai import AsyncOpenAI
 from servers import ServerProcess, post
 from test_metering import levante, new_key
 
 TOOLS_SERVER = '''
 import asyncio
+import os
+from pathlib import Path
 from typing import Annotated, Literal
 from pydantic import Field
 from mcp.server.mcpserver import MCPServer
@@ -42,9 +59,18 @@ def fail(reason: Literal["always"]) -> str:
 
 @server.tool()
 async def hang(reason: Literal["forever"]) -> str:
-    """Never returns."""
-    await asyncio.sleep(3600)
+    """Never returns; notes it when the call is cancelled."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        Path(os.environ["CANCELLED_MARKER"]).write_text("cancelled")
+        raise
     return "never"
+
+@server.tool()
+def crash(reason: Literal["now"]) -> str:
+    """Takes the whole server down."""
+    os._exit(1)
 
 server.run("stdio")
 '''
@@ -52,6 +78,7 @@ server.run("stdio")
 
 @dataclass
 class Served:
+    home: Path
     server: ServerProcess
     db: Path
     key: str
@@ -67,9 +94,12 @@ def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     script = home / "tools_server.py"
     script.write_text(TOOLS_SERVER)
     config = home / "mcp.json"
-    config.write_text(
-        json.dumps({"mcpServers": {"tools": {"command": sys.executable, "args": [str(script)]}}})
-    )
+    tools = {
+        "command": sys.executable,
+        "args": [str(script)],
+        "env": {"CANCELLED_MARKER": str(home / "cancelled")},
+    }
+    config.write_text(json.dumps({"mcpServers": {"tools": tools}}))
     db = home / "usage.db"
     key = new_key(db, "lab", "ana")
     args = ["--model", str(model), "--kv-cache-memory", "0.05", "--served-model-name", "tiny", "--no-web"]
@@ -81,13 +111,13 @@ def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--max-tool-rounds",
         "3",
         "--tool-timeout",
-        "2",
+        "4",
     ]
     server = ServerProcess(args, home / "server.log")
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120)
-        yield Served(server, db, key, client)
+        yield Served(home, server, db, key, client)
     finally:
         server.stop()
 
@@ -197,7 +227,7 @@ def test_parallel_calls_run_and_a_cut_off_call_is_not(served: Served) -> None:
 
 
 def test_failing_and_hanging_tools_are_reported_to_the_model(served: Served) -> None:
-    for tool, complaint in (("fail", "fail"), ("hang", "no answer within 2 s")):
+    for tool, complaint in (("fail", "fail"), ("hang", "no answer within 4 s")):
         response = served.client.responses.create(
             model="tiny",
             input="Try it.",
@@ -208,6 +238,45 @@ def test_failing_and_hanging_tools_are_reported_to_the_model(served: Served) -> 
         )
         call = items(response, "mcp_call")[0]
         assert call.output is None and complaint in call.error, (tool, call.error)
+
+
+def test_a_crashing_server_fails_the_call_and_comes_back(served: Served) -> None:
+    response = served.client.responses.create(
+        model="tiny",
+        input="Crash it.",
+        tools=[mcp_tool(allowed_tools=["crash"])],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=30,
+    )
+    call = items(response, "mcp_call")[0]
+    assert call.output is None and "went away" in call.error, call.error
+    deadline = time.monotonic() + 30
+    while (state := health(served)["tools"])["state"] != "ready" or state["restarts"] < 1:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+
+
+def test_a_client_leaving_mid_call_cancels_the_tool(served: Served) -> None:
+    marker = served.home / "cancelled"
+    marker.unlink(missing_ok=True)
+    stream = served.client.responses.create(
+        model="tiny",
+        input="Wait.",
+        tools=[mcp_tool(allowed_tools=["hang"])],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=30,
+        stream=True,
+    )
+    for event in stream:
+        if event.type == "response.mcp_call.in_progress":
+            break
+    stream.close()  # the client goes away while the tool runs
+    left = time.monotonic()
+    while not marker.exists():  # cancelled on the MCP server, well before the 4 s call timeout
+        assert time.monotonic() - left < 3, "the tool call was not cancelled"
+        time.sleep(0.05)
 
 
 def test_approval_flow(served: Served) -> None:
@@ -299,11 +368,63 @@ def test_bad_requests_name_the_field(served: Served) -> None:
     for body, param in cases:
         status, error = post(served.server.url, "/v1/responses", {"model": "tiny", **body}, headers)
         assert status == 400 and error["error"]["param"] == param, (body, status, error)
-    with urllib.request.urlopen(f"{served.server.url}/health") as resp:  # MCP servers' state, up or not
-        assert json.load(resp)["mcp"]["tools"]["state"] == "ready"
+    assert health(served)["tools"]["state"] == "ready"  # /health reports the MCP servers, up or not
+
+
+def health(served: Served) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{served.server.url}/health") as resp:
+        return json.load(resp)["mcp"]
 
 
 def ledger(db: Path) -> list[Any]:
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
         return conn.execute("SELECT * FROM requests WHERE endpoint = 'responses' ORDER BY time").fetchall()
+
+
+def test_the_openai_agents_sdk_drives_it(served: Served) -> None:
+    """The Agents SDK's default model (Responses, streamed) against this server: a function tool the
+    SDK runs, and an MCP tool the server runs once the SDK's approval callback says yes."""
+    set_tracing_disabled(True)
+    client = AsyncOpenAI(base_url=f"{served.server.url}/v1", api_key=served.key, max_retries=0)
+    model = OpenAIResponsesModel(model="tiny", openai_client=client)
+
+    @function_tool
+    def get_weather(city: Literal["Paris", "Lyon"]) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    settings = ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    weather = Agent(name="weather", model=model, tools=[get_weather], model_settings=settings)
+    weather.tool_use_behavior = "stop_on_first_tool"
+
+    config = {"type": "mcp", "server_label": "tools", "require_approval": "always", "allowed_tools": ["add"]}
+    approved: list[str] = []
+
+    def approve(request: Any) -> dict[str, bool]:
+        approved.append(request.data.name)
+        return {"approve": True}
+
+    adder = Agent(
+        name="adder",
+        model=model,
+        tools=[HostedMCPTool(tool_config=config, on_approval_request=approve)],  # type: ignore[arg-type]
+        model_settings=settings,
+    )
+
+    async def run() -> list[Any]:  # one event loop for the client's whole life
+        answer = await Runner.run(weather, "Weather in Paris?")
+        assert answer.final_output in ("sunny in Paris", "sunny in Lyon")
+        streamed = Runner.run_streamed(adder, "Add 2 and 3.", max_turns=3)
+        items: list[Any] = []
+        # a random model never stops by itself: it runs out of tokens or of turns
+        with contextlib.suppress(ModelBehaviorError, MaxTurnsExceeded):
+            async for event in streamed.stream_events():
+                if event.type == "run_item_stream_event":
+                    items.append(event.item.raw_item)
+        return items
+
+    raw = asyncio.run(run())
+    assert approved and set(approved) == {"add"}
+    calls = [i for i in raw if getattr(i, "type", None) == "mcp_call"]
+    assert calls and calls[0].error is None and " = " in calls[0].output  # the server ran it, the SDK saw it

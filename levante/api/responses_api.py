@@ -427,7 +427,8 @@ class Responder:
             for t in req.tools
             if isinstance(t, FunctionTool)
         ] + [{"type": "function", "function": o.spec} for o in offered.values()]
-        for _ in range(self.max_rounds):
+        for round_number in range(self.max_rounds):
+            first = round_number == 0
             left = req.max_output_tokens - run.usage["output"] if req.max_output_tokens is not None else None
             if left is not None and left <= 0:  # max_output_tokens bounds the whole response, every round
                 yield run.event(
@@ -450,8 +451,8 @@ class Responder:
                     state, caller, protocol.ChatRequest.model_validate(body), "responses"
                 )
             except APIError as e:
-                if not run.output:
-                    raise  # nothing has happened yet: the request itself is refused
+                if first:
+                    raise  # nothing was generated yet: the request itself is refused
                 error = {"code": e.code or "error", "message": e.message}
                 yield run.event("response.failed", response=run.body(model, "failed", error=error))
                 return
@@ -638,7 +639,8 @@ class Responder:
     async def _approved(self, run: Run, offered: dict[str, Offered]) -> list[dict[str, Any]]:
         """The calls this request's `mcp_approval_response` inputs answer: run if approved, else
         reported to the model as declined."""
-        requests = {i["id"]: i for i in run.history if i.get("type") == "mcp_approval_request"}
+        asked_before = run.history + run.inputs  # stored, or sent back by a client that keeps its own items
+        requests = {i["id"]: i for i in asked_before if i.get("type") == "mcp_approval_request"}
         done = []
         for i, item in enumerate(run.inputs):
             if item.get("type") != "mcp_approval_response":

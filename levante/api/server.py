@@ -7,6 +7,7 @@ The port opens at once and answers 503 until the model has loaded (so orchestrat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import importlib.metadata
 import json
@@ -595,7 +596,7 @@ def create_app(server: Server) -> FastAPI:
         events = server.responder.events(state, caller, run, offered)
         if req.stream:
             return StreamingResponse(
-                _response_events(events),
+                _watched(request, _response_events(events)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -662,6 +663,37 @@ async def _last(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     async for event in events:
         last = event
     return last
+
+
+async def _watched(request: Request, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`chunks`, ended — and the work behind them cancelled — as soon as the client leaves, not at
+    the next write: a tool call can keep a stream quiet for a long time."""
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for chunk in chunks:
+                queue.put_nowait(chunk)
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if chunk is None:
+                await task  # its failure, if it failed
+                return
+            yield chunk
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _response_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:

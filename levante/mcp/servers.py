@@ -146,8 +146,15 @@ class MCPServers:
             )
         seconds = self._call_timeout if timeout is None else timeout
         what = f"tool {tool!r} on MCP server {server!r}"
+        # The call runs in a task of its own, cancelled once and natively when its caller is: a
+        # caller inside a cancelled anyio scope (Starlette's, when an HTTP client leaves) would
+        # cancel every await of the SDK's cleanup too, and the server would never hear of it.
+        running = asyncio.ensure_future(client.call_tool(tool, arguments, read_timeout_seconds=seconds))
         try:
-            result = await client.call_tool(tool, arguments, read_timeout_seconds=seconds)
+            result = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            running.cancel()
+            raise
         except MCPError as e:
             if e.code == types.REQUEST_TIMEOUT:
                 raise ToolCallFailed(f"{what} gave no answer within {seconds:g} s") from e
