@@ -33,6 +33,7 @@ from agents import (
     set_tracing_disabled,
 )
 from openai import AsyncOpenAI
+from PIL import Image
 from servers import ServerProcess, post
 from test_metering import levante, new_key
 
@@ -42,7 +43,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 from pydantic import Field
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Image, MCPServer
 
 server = MCPServer("tools")
 Digit = Annotated[int, Field(ge=0, le=9)]
@@ -66,6 +67,16 @@ async def hang(reason: Literal["forever"]) -> str:
         Path(os.environ["CANCELLED_MARKER"]).write_text("cancelled")
         raise
     return "never"
+
+@server.tool()
+def small_picture() -> Image:
+    """A plain 112x112 picture."""
+    return Image(data=Path(os.environ["PICTURES"], "112.png").read_bytes(), format="png")
+
+@server.tool()
+def large_picture() -> Image:
+    """A plain 224x224 picture."""
+    return Image(data=Path(os.environ["PICTURES"], "224.png").read_bytes(), format="png")
 
 @server.tool()
 def crash(reason: Literal["now"]) -> str:
@@ -94,11 +105,10 @@ def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     script = home / "tools_server.py"
     script.write_text(TOOLS_SERVER)
     config = home / "mcp.json"
-    tools = {
-        "command": sys.executable,
-        "args": [str(script)],
-        "env": {"CANCELLED_MARKER": str(home / "cancelled")},
-    }
+    for side in (112, 224):
+        Image.new("RGB", (side, side), (30, 120, 200)).save(home / f"{side}.png")
+    env = {"CANCELLED_MARKER": str(home / "cancelled"), "PICTURES": str(home)}
+    tools = {"command": sys.executable, "args": [str(script)], "env": env}
     config.write_text(json.dumps({"mcpServers": {"tools": tools}}))
     db = home / "usage.db"
     key = new_key(db, "lab", "ana")
@@ -224,6 +234,27 @@ def test_parallel_calls_run_and_a_cut_off_call_is_not(served: Served) -> None:
     if response.status == "incomplete":  # the random model kept calling until the output ran out
         assert response.incomplete_details.reason == "max_output_tokens"
         assert all(c.error == "the call was cut off at max_output_tokens" for c in calls if c.error)
+
+
+def test_an_image_a_tool_returns_reaches_the_model(served: Served) -> None:
+    """The round after a call reads its result, images as images: a 224x224 picture grows the next
+    prompt by 4x the image tokens a 112x112 one does (tiny Mistral3: 14-pixel patches merged 2x2,
+    so 16 tokens against 64 and a break per row), the text around them being the same."""
+    grown = {}
+    for tool in ("small_picture", "large_picture"):
+        before = len(ledger(served.db))
+        response = served.client.responses.create(
+            model="tiny",
+            input="Go.",
+            tools=[mcp_tool(allowed_tools=[tool])],
+            tool_choice={"type": "function", "name": f"tools_{tool}"},
+            parallel_tool_calls=False,
+            max_output_tokens=40,
+        )
+        assert items(response, "mcp_call")[0].error is None
+        first, second = ledger(served.db)[before : before + 2]
+        grown[tool] = second["prompt_tokens"] - first["prompt_tokens"]
+    assert grown["large_picture"] - grown["small_picture"] >= 64 - 16
 
 
 def test_failing_and_hanging_tools_are_reported_to_the_model(served: Served) -> None:

@@ -148,9 +148,10 @@ def _need(item: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def to_messages(items: list[dict[str, Any]], vision: bool = False) -> list[dict[str, Any]]:
     """Conversation items (inputs and earlier outputs) as chat messages: function and MCP calls
-    become assistant tool calls followed by their results as tool messages."""
+    become assistant tool calls followed by their results as tool messages; images an MCP tool
+    returned follow as a user message a vision model sees (tool messages carry text only)."""
     messages: list[dict[str, Any]] = []
 
     def call(call_id: str, name: str, arguments: str) -> None:
@@ -189,6 +190,11 @@ def to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
             call(call_id, name[:64], item.get("arguments") or "{}")
             result = item.get("output") if item.get("error") is None else f"error: {item['error']}"
             messages.append({"role": "tool", "tool_call_id": call_id, "content": result or ""})
+            if vision and item.get("images"):
+                parts = [{"type": "image_url", "image_url": {"url": url}} for url in item["images"]]
+                messages.append(
+                    {"role": "user", "content": [{"type": "text", "text": f"Images from {name}:"}, *parts]}
+                )
         elif kind not in ("mcp_list_tools", "mcp_approval_request", "mcp_approval_response"):
             raise bad_request(f"{where}.type: unsupported input item {kind!r}", f"{where}.type")
     return messages
@@ -419,7 +425,8 @@ class Responder:
                 run, item, "mcp_call", ("in_progress", "completed" if not item["error"] else "failed")
             ):
                 yield event
-        messages = to_messages(run.history + run.inputs + run.output)
+        vision = state.engine.engine.model.config.vision is not None
+        messages = to_messages(run.history + run.inputs + run.output, vision)
         if req.instructions:
             messages = [{"role": "system", "content": req.instructions}, *messages]
         tools = [
@@ -583,7 +590,7 @@ class Responder:
                 yield run.event(f"response.{status}", response=run.body(model, status, reason=reason))
                 self._keep(run, caller, model, status, reason)
                 return
-            messages = to_messages(run.history + run.inputs + run.output)
+            messages = to_messages(run.history + run.inputs + run.output, vision)
             if req.instructions:
                 messages = [{"role": "system", "content": req.instructions}, *messages]
         reason = "max_tool_rounds"
@@ -634,6 +641,13 @@ class Responder:
                 item.update(error=text or "the tool failed", status="failed")
             else:
                 item.update(output=text, status="completed")
+                images = [
+                    f"data:{c['mime_type']};base64,{c['data']}"
+                    for c in result.content
+                    if c["type"] == "image"
+                ]
+                if images:  # kept with the call (stored too), for the rounds and responses after it
+                    item["images"] = images
         item["duration"] = round(time.monotonic() - started, 3)
 
     async def _approved(self, run: Run, offered: dict[str, Offered]) -> list[dict[str, Any]]:
