@@ -224,6 +224,46 @@ def test_tokenize_detokenize_models_version(demo: ServerProcess, client: openai.
         assert json.loads(resp.read())["version"]
 
 
+def test_tokenize_takes_vllms_chat_fields(demo: ServerProcess, tiny: ServerProcess) -> None:
+    """add_generation_prompt, continue_final_message and return_token_strs, as vLLM's clients send
+    them: on a chat template (the demo) and on Mistral's format (tiny)."""
+    chat = [{"role": "user", "content": "Why is the sky blue?"}, {"role": "assistant", "content": "Because"}]
+    question = chat[:1]
+
+    def tokenize(url: str, headers: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:
+        status, out = post(url, "/tokenize", body, headers)
+        assert status == 200, out
+        return out
+
+    opened = tokenize(demo.url, messages=question, return_token_strs=True)
+    closed = tokenize(demo.url, messages=question, add_generation_prompt=False)
+    assert (
+        "".join(opened["token_strs"]).endswith("<|im_start|>assistant\n")
+        and len(opened["token_strs"]) == opened["count"]
+    )
+    assert opened["tokens"][: closed["count"]] == closed["tokens"] and closed["count"] < opened["count"]
+    going = tokenize(demo.url, messages=chat, add_generation_prompt=False, continue_final_message=True)
+    text = post(demo.url, "/detokenize", {"tokens": going["tokens"]})[1]["prompt"]
+    assert text.endswith("<|im_start|>assistant\nBecause")  # no end of turn: the model goes on
+
+    key = {"Authorization": "Bearer sk-test"}
+    asked = tokenize(tiny.url, key, messages=question)
+    assert tokenize(tiny.url, key, messages=question, add_generation_prompt=False) == asked  # no header
+    going = tokenize(tiny.url, key, messages=chat, add_generation_prompt=False, continue_final_message=True)
+    assert going["tokens"][: asked["count"]] == asked["tokens"]
+    tail = post(tiny.url, "/detokenize", {"tokens": going["tokens"][asked["count"] :]}, key)[1]["prompt"]
+    assert tail.strip() == "Because"  # the answer so far, open
+    both = {"messages": chat, "continue_final_message": True}
+    status, error = post(demo.url, "/tokenize", both)
+    assert status == 400 and error["error"]["param"] == "continue_final_message"
+    status, error = post(
+        demo.url,
+        "/tokenize",
+        {"messages": question, "add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert status == 400 and "final message" in error["error"]["message"]
+
+
 # ---- images, keys, server defaults (tiny Mistral3) ------------------------------------------
 
 

@@ -149,6 +149,10 @@ class TokenizeRequest(Strict):
     messages: list[Message] | None = None
     tools: list[ToolDef] | None = None
     add_special_tokens: bool = True
+    # vLLM's chat fields
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
 
 
 class DetokenizeRequest(Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.metadata
 import json
@@ -617,19 +618,30 @@ def create_app(server: Server) -> FastAPI:
         state, _ = begin(request, req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
+        if req.continue_final_message and req.add_generation_prompt:
+            message = "continue_final_message needs add_generation_prompt set to false"
+            raise bad_request(message, "continue_final_message")
         try:
             if req.messages is not None:
                 messages = await resolve_messages(
                     [m.model_dump(exclude_none=True) for m in req.messages], cfg.images
                 )
                 specs = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-                tokens = (await asyncio.to_thread(state.tokenizer.encode_chat, messages, specs)).tokens
+                encode = functools.partial(
+                    state.tokenizer.encode_chat,
+                    add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                )
+                tokens = (await asyncio.to_thread(encode, messages, specs)).tokens
             else:
                 add_bos = req.add_special_tokens and state.tokenizer.adds_bos
                 tokens = state.tokenizer.encode(req.prompt or "", add_bos=add_bos)
         except TokenizerError as e:
             raise bad_request(str(e), "messages") from None
-        return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
+        body: dict[str, Any] = {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
+        if req.return_token_strs:
+            body["token_strs"] = [state.tokenizer.decode([t], skip_special=False) for t in tokens]
+        return body
 
     @app.post("/detokenize")
     async def detokenize(req: protocol.DetokenizeRequest, request: Request) -> dict[str, Any]:

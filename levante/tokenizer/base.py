@@ -52,8 +52,16 @@ class Tokenizer(ABC):
     tool_call_tokens: ToolCallTokens | None  # None: the model has no tool-call format
 
     @abstractmethod
-    def encode_chat(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> PromptInputs:
-        """OpenAI chat messages (and tools) → a prompt that ends ready for the assistant's answer."""
+    def encode_chat(
+        self,
+        messages: list[Message],
+        tools: list[ToolSpec] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> PromptInputs:
+        """OpenAI chat messages (and tools) → a prompt that ends ready for the assistant's answer;
+        vLLM's `continue_final_message`: one that ends inside the final (assistant) message, for
+        the model to go on with it; `add_generation_prompt=False`: the assistant's turn not opened."""
 
     @abstractmethod
     def encode(self, text: str, add_bos: bool) -> list[int]:
@@ -104,3 +112,13 @@ def check_chat(messages: object, tools: object) -> list[Message]:
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise TokenizerError("tools must be a list of objects")
     return messages
+
+
+def check_continuation(
+    messages: list[Message], add_generation_prompt: bool, continue_final_message: bool
+) -> None:
+    """vLLM's rules for continuing the final message."""
+    if continue_final_message and add_generation_prompt:
+        raise TokenizerError("continue_final_message and add_generation_prompt cannot both be true")
+    if continue_final_message and messages[-1].get("role") != "assistant":
+        raise TokenizerError("continue_final_message needs the final message to be the assistant's")

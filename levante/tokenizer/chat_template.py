@@ -52,14 +52,23 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def render(
-    source: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, variables: dict[str, str]
+    source: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    variables: dict[str, str],
+    add_generation_prompt: bool = True,
 ) -> str:
-    """The prompt text for `messages`, ending with the assistant's turn opened. Keys whose value is
-    None are dropped first (OpenAI sends `content: null` with tool calls; templates test presence)."""
+    """The prompt text for `messages`, ending with the assistant's turn opened (unless not asked).
+    Keys whose value is None are dropped first (OpenAI sends `content: null` with tool calls;
+    templates test presence)."""
     cleaned = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
         return compile_template(source).render(
-            messages=cleaned, tools=tools, documents=None, add_generation_prompt=True, **variables
+            messages=cleaned,
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
         )
     except (jinja2.TemplateError, TypeError, ValueError) as e:  # user data the template cannot handle
         raise TokenizerError(f"chat template rejected the conversation: {e}") from None

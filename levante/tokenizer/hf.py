@@ -15,7 +15,15 @@ import tokenizers
 from levante.config import read_json
 from levante.errors import TokenizerError
 from levante.tokenizer import chat_template
-from levante.tokenizer.base import Message, PromptInputs, Tokenizer, ToolChoice, ToolSpec, check_chat
+from levante.tokenizer.base import (
+    Message,
+    PromptInputs,
+    Tokenizer,
+    ToolChoice,
+    ToolSpec,
+    check_chat,
+    check_continuation,
+)
 
 # The special-token names chat templates read (transformers passes its special_tokens_map).
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -86,13 +94,26 @@ class HFBackend(Tokenizer):
         self.image_token_id = None
         self.tool_call_tokens = None
 
-    def encode_chat(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> PromptInputs:
+    def encode_chat(
+        self,
+        messages: list[Message],
+        tools: list[ToolSpec] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> PromptInputs:
         messages = _for_template(check_chat(messages, tools))
+        check_continuation(messages, add_generation_prompt, continue_final_message)
         template = self._templates.get("tool_use") if tools else None
         template = template or self._templates.get("default")
         if template is None:
             raise TokenizerError(f"{self._where}: the model has no chat template")
-        text = chat_template.render(template, messages, tools, self._special_tokens)
+        text = chat_template.render(template, messages, tools, self._special_tokens, add_generation_prompt)
+        if continue_final_message:  # cut what the template puts after the final message's text (as vLLM)
+            final = messages[-1].get("content")
+            final = final if isinstance(final, str) else "".join(p.get("text", "") for p in final or [])
+            end = text.rfind(final) if final else -1
+            if end >= 0:
+                text = text[: end + len(final)]
         return PromptInputs(tokens=self.encode(text, add_bos=False))
 
     def guidance_tokenizer(self) -> llg.LLTokenizer:

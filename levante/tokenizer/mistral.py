@@ -27,6 +27,7 @@ from levante.tokenizer.base import (
     ToolChoice,
     ToolSpec,
     check_chat,
+    check_continuation,
 )
 
 TOKENIZER_FILE = "tekken.json"
@@ -122,8 +123,17 @@ class MistralBackend(Tokenizer):
             .replace("{yesterday}", yesterday.isoformat())
         )
 
-    def encode_chat(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> PromptInputs:
+    def encode_chat(
+        self,
+        messages: list[Message],
+        tools: list[ToolSpec] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> PromptInputs:
+        """Mistral's format opens no assistant turn (the answer follows [/INST] directly), so
+        `add_generation_prompt` changes nothing; `continue_final_message` is mistral-common's own."""
         messages = check_chat(messages, tools)
+        check_continuation(messages, add_generation_prompt, continue_final_message)
         for url in _image_urls(messages):
             if not url.startswith(_IMAGE_SCHEMES):
                 raise TokenizerError(
@@ -134,7 +144,9 @@ class MistralBackend(Tokenizer):
         if system is not None and not any(m["role"] in ("system", "developer") for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
         try:
-            request = ChatCompletionRequest.from_openai(messages, tools, model=self._name)
+            request = ChatCompletionRequest.from_openai(
+                messages, tools, continue_final_message=continue_final_message, model=self._name
+            )
             tokenized = self._mistral.encode_chat_completion(request)
         except (MistralCommonException, ValueError, KeyError, TypeError, OSError) as e:
             raise TokenizerError(f"cannot encode the conversation: {_error_text(e)}") from None
