@@ -149,6 +149,21 @@ WEATHER = {
 }
 
 
+def call_tool(
+    client: openai.OpenAI, tool: str, prompt: str, tokens: int, approval: str = "never", **extra: Any
+) -> Any:
+    """A response that must call the MCP tool `tool`, one call a round."""
+    return client.responses.create(
+        model="tiny",
+        input=prompt,
+        tools=[mcp_tool(allowed_tools=[tool], require_approval=approval)],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=tokens,
+        **extra,
+    )
+
+
 def items(response: Any, kind: str) -> list[Any]:
     return [item for item in response.output if item.type == kind]
 
@@ -196,14 +211,7 @@ def test_function_tool_round_trip(served: Served) -> None:
 
 def test_mcp_tools_run_in_the_loop_until_the_round_limit(served: Served) -> None:
     before = len(ledger(served.db))
-    response = served.client.responses.create(
-        model="tiny",
-        input="Add some digits.",
-        tools=[mcp_tool(allowed_tools=["add"])],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=300,
-    )
+    response = call_tool(served.client, "add", "Add some digits.", 300)
     (listed,) = items(response, "mcp_list_tools")
     assert [t.name for t in listed.tools] == ["add"]  # allowed_tools honoured
     calls = items(response, "mcp_call")
@@ -259,27 +267,13 @@ def test_an_image_a_tool_returns_reaches_the_model(served: Served) -> None:
 
 def test_failing_and_hanging_tools_are_reported_to_the_model(served: Served) -> None:
     for tool, complaint in (("fail", "fail"), ("hang", "no answer within 4 s")):
-        response = served.client.responses.create(
-            model="tiny",
-            input="Try it.",
-            tools=[mcp_tool(allowed_tools=[tool])],
-            tool_choice="required",
-            parallel_tool_calls=False,
-            max_output_tokens=30,
-        )
+        response = call_tool(served.client, tool, "Try it.", 30)
         call = items(response, "mcp_call")[0]
         assert call.output is None and complaint in call.error, (tool, call.error)
 
 
 def test_a_crashing_server_fails_the_call_and_comes_back(served: Served) -> None:
-    response = served.client.responses.create(
-        model="tiny",
-        input="Crash it.",
-        tools=[mcp_tool(allowed_tools=["crash"])],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=30,
-    )
+    response = call_tool(served.client, "crash", "Crash it.", 30)
     call = items(response, "mcp_call")[0]
     assert call.output is None and "went away" in call.error, call.error
     deadline = time.monotonic() + 30
@@ -291,15 +285,7 @@ def test_a_crashing_server_fails_the_call_and_comes_back(served: Served) -> None
 def test_a_client_leaving_mid_call_cancels_the_tool(served: Served) -> None:
     marker = served.home / "cancelled"
     marker.unlink(missing_ok=True)
-    stream = served.client.responses.create(
-        model="tiny",
-        input="Wait.",
-        tools=[mcp_tool(allowed_tools=["hang"])],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=30,
-        stream=True,
-    )
+    stream = call_tool(served.client, "hang", "Wait.", 30, stream=True)
     for event in stream:
         if event.type == "response.mcp_call.in_progress":
             break
@@ -311,14 +297,7 @@ def test_a_client_leaving_mid_call_cancels_the_tool(served: Served) -> None:
 
 
 def test_approval_flow(served: Served) -> None:
-    asked = served.client.responses.create(
-        model="tiny",
-        input="Add digits.",
-        tools=[mcp_tool(allowed_tools=["add"], require_approval="always")],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=300,
-    )
+    asked = call_tool(served.client, "add", "Add digits.", 300, approval="always")
     (request,) = items(asked, "mcp_approval_request")
     assert request.name == "add" and not items(asked, "mcp_call")  # nothing ran unapproved
     approved = served.client.responses.create(
@@ -335,15 +314,7 @@ def test_approval_flow(served: Served) -> None:
 
 
 def test_streamed_events_in_order(served: Served) -> None:
-    stream = served.client.responses.create(
-        model="tiny",
-        input="Add digits.",
-        tools=[mcp_tool(allowed_tools=["add"])],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=300,
-        stream=True,
-    )
+    stream = call_tool(served.client, "add", "Add digits.", 300, stream=True)
     events = list(stream)
     kinds = [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -365,14 +336,7 @@ def test_the_pool_running_out_between_rounds_fails_the_response(served: Served) 
     team_key = new_key(served.db, "small", "bo")
     assert levante(served.db, "keys", "set-budget", "--team", "small", "0.0000000001").returncode == 0
     client = openai.OpenAI(base_url=f"{served.server.url}/v1", api_key=team_key, max_retries=0, timeout=120)
-    response = client.responses.create(
-        model="tiny",
-        input="Add.",
-        tools=[mcp_tool(allowed_tools=["add"])],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=300,
-    )
+    response = call_tool(client, "add", "Add.", 300)
     assert response.status == "failed" and response.error.code == "budget_exceeded"
     assert len(items(response, "mcp_call")) == 1  # the first round ran, the second was refused
     with pytest.raises(openai.RateLimitError):  # and now the request itself is refused

@@ -32,7 +32,7 @@ from levante.errors import LevanteError
 from levante.mcp import MCPServers, ToolCallFailed
 
 if TYPE_CHECKING:
-    from levante.api.server import Server, State
+    from levante.api.server import ChatRun, Server, State
     from levante.metering.ledger import Key
 
 RESULT_CHARS = 16_000  # a tool result longer than this reaches the model truncated (and says so)
@@ -403,199 +403,193 @@ class Responder:
         yield run.event("response.created", response=run.body(model, "in_progress"))
         yield run.event("response.in_progress", response=run.body(model, "in_progress"))
         for label in sorted({o.label for o in offered.values()}):
-            item = {
-                "type": "mcp_list_tools",
-                "id": new_id("mcpl"),
-                "server_label": label,
-                "tools": [
-                    {
-                        "name": o.tool,
-                        "description": o.spec["description"],
-                        "input_schema": o.spec["parameters"],
-                    }
-                    for o in offered.values()
-                    if o.label == label
-                ],
-            }
+            tools = [
+                {"name": o.tool, "description": o.spec["description"], "input_schema": o.spec["parameters"]}
+                for o in offered.values()
+                if o.label == label
+            ]
+            item = {"type": "mcp_list_tools", "id": new_id("mcpl"), "server_label": label, "tools": tools}
             for event in self._item(run, item, "mcp_list_tools", ("in_progress", "completed")):
                 yield event
-        answered = await self._approved(run, offered)
-        for item in answered:
-            for event in self._item(
-                run, item, "mcp_call", ("in_progress", "completed" if not item["error"] else "failed")
-            ):
+        for item in await self._approved(run, offered):
+            outcome = "failed" if item["error"] else "completed"
+            for event in self._item(run, item, "mcp_call", ("in_progress", outcome)):
                 yield event
         vision = state.engine.engine.model.config.vision is not None
-        messages = to_messages(run.history + run.inputs + run.output, vision)
-        if req.instructions:
-            messages = [{"role": "system", "content": req.instructions}, *messages]
         tools = [
             {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
             for t in req.tools
             if isinstance(t, FunctionTool)
         ] + [{"type": "function", "function": o.spec} for o in offered.values()]
         for round_number in range(self.max_rounds):
-            first = round_number == 0
             left = req.max_output_tokens - run.usage["output"] if req.max_output_tokens is not None else None
             if left is not None and left <= 0:  # max_output_tokens bounds the whole response, every round
-                yield run.event(
-                    "response.incomplete", response=run.body(model, "incomplete", reason="max_output_tokens")
-                )
-                self._keep(run, caller, model, "incomplete", "max_output_tokens")
-                return
-            body: dict[str, Any] = {"messages": messages, "max_tokens": left}
-            body.update(temperature=req.temperature, top_p=req.top_p, response_format=_format(req))
-            if tools:
-                choice = req.tool_choice
-                body.update(tools=tools, parallel_tool_calls=req.parallel_tool_calls)
-                body["tool_choice"] = (
-                    choice
-                    if isinstance(choice, str)
-                    else {"type": "function", "function": {"name": choice.name}}
-                )
-            try:
-                chat = await self.server.start_chat(
-                    state, caller, protocol.ChatRequest.model_validate(body), "responses"
-                )
-            except APIError as e:
-                if first:
-                    raise  # nothing was generated yet: the request itself is refused
-                error = {"code": e.code or "error", "message": e.message}
-                yield run.event("response.failed", response=run.body(model, "failed", error=error))
-                return
-            calls: dict[int, dict[str, str]] = {}
-            text: list[str] = []
-            message = {
-                "type": "message",
-                "id": new_id("msg"),
-                "role": "assistant",
-                "status": "in_progress",
-                "content": [],
-            }
-            index = len(run.output)
-            chunks = chat_chunks(chat.head, chat.outputs, 1, state.tokenizer, False, chat.plan.tool_names)
-            try:
-                async for chunk in chunks:
-                    for choice_delta in chunk["choices"]:
-                        delta = choice_delta["delta"]
-                        if delta.get("content"):
-                            if not text:
-                                run.output.append(message)
-                                yield run.event(
-                                    "response.output_item.added", output_index=index, item=message
-                                )
-                                part = {"type": "output_text", "text": "", "annotations": []}
-                                yield run.event(
-                                    "response.content_part.added",
-                                    item_id=message["id"],
-                                    output_index=index,
-                                    content_index=0,
-                                    part=part,
-                                )
-                            text.append(delta["content"])
-                            yield run.event(
-                                "response.output_text.delta",
-                                item_id=message["id"],
-                                output_index=index,
-                                content_index=0,
-                                delta=delta["content"],
-                                logprobs=[],
-                            )
-                        for call in delta.get("tool_calls") or ():
-                            entry = calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
-                            function = call.get("function") or {}
-                            entry["id"] = call.get("id") or entry["id"]
-                            entry["name"] = function.get("name") or entry["name"]
-                            entry["arguments"] += function.get("arguments") or ""
-            finally:
-                await chunks.aclose()
-            t = chat.tracker
-            run.usage["input"] += t.prompt_tokens
-            run.usage["cached"] += t.cached_tokens
-            run.usage["output"] += t.tokens
-            if text:
-                part = {"type": "output_text", "text": "".join(text), "annotations": []}
-                message.update(status="completed", content=[part])
-                yield run.event(
-                    "response.output_text.done",
-                    item_id=message["id"],
-                    output_index=index,
-                    content_index=0,
-                    text=part["text"],
-                    logprobs=[],
-                )
-                yield run.event(
-                    "response.content_part.done",
-                    item_id=message["id"],
-                    output_index=index,
-                    content_index=0,
-                    part=part,
-                )
-                yield run.event("response.output_item.done", output_index=index, item=message)
-            cut = t.reasons == ["length"]  # the output ran out: the last call may be unfinished
-            if not calls:
-                incomplete = "max_output_tokens" if cut else None
-                status = "incomplete" if incomplete else "completed"
-                yield run.event(f"response.{status}", response=run.body(model, status, reason=incomplete))
-                self._keep(run, caller, model, status, incomplete)
-                return
-            stop = cut
-            executed: list[tuple[dict[str, Any], Offered]] = []
-            for call in calls.values():
-                mcp = offered.get(call["name"])
-                if mcp is None:  # the client's own function: it runs it and sends the output back
-                    item = {
-                        "type": "function_call",
-                        "id": new_id("fc"),
-                        "call_id": call["id"],
-                        "name": call["name"],
-                        "arguments": call["arguments"],
-                        "status": "completed",
-                    }
-                    for event in self._item(run, item, None, ()):
-                        yield event
-                    stop = True
-                elif mcp.approval:
-                    item = {
-                        "type": "mcp_approval_request",
-                        "id": call["id"],
-                        "server_label": mcp.label,
-                        "name": mcp.tool,
-                        "arguments": call["arguments"],
-                    }
-                    for event in self._item(run, item, None, ()):
-                        yield event
-                    stop = True
-                else:
-                    item = self._mcp_item(call["id"], mcp, call["arguments"])
-                    executed.append((item, mcp))
-            if cut and executed and not _is_json(executed[-1][0]["arguments"]):
-                executed[-1][0].update(error="the call was cut off at max_output_tokens", status="failed")
-            if executed:
-                for item, _ in executed:
-                    run.output.append(item)
-                    yield run.event("response.output_item.added", output_index=len(run.output) - 1, item=item)
-                    yield run.event(
-                        "response.mcp_call.in_progress", output_index=len(run.output) - 1, item_id=item["id"]
-                    )
-                await asyncio.gather(*(self._call(item, mcp) for item, mcp in executed if not item["error"]))
-                for item, _ in executed:
-                    position = run.output.index(item)
-                    outcome = "failed" if item["error"] else "completed"
-                    yield run.event(f"response.mcp_call.{outcome}", output_index=position, item_id=item["id"])
-                    yield run.event("response.output_item.done", output_index=position, item=item)
-            if stop:  # the client's turn (its functions, approvals), or the output ran out
-                reason = "max_output_tokens" if cut else None
-                status = "incomplete" if cut else "completed"
-                yield run.event(f"response.{status}", response=run.body(model, status, reason=reason))
-                self._keep(run, caller, model, status, reason)
+                yield self._end(run, caller, model, "incomplete", reason="max_output_tokens")
                 return
             messages = to_messages(run.history + run.inputs + run.output, vision)
             if req.instructions:
                 messages = [{"role": "system", "content": req.instructions}, *messages]
-        reason = "max_tool_rounds"
-        yield run.event("response.incomplete", response=run.body(model, "incomplete", reason=reason))
-        self._keep(run, caller, model, "incomplete", reason)
+            try:
+                chat = await self.server.start_chat(
+                    state, caller, self._chat(req, messages, tools, left), "responses"
+                )
+            except APIError as e:
+                if round_number == 0:
+                    raise  # nothing was generated yet: the request itself is refused
+                yield self._end(
+                    run, caller, model, "failed", error={"code": e.code or "error", "message": e.message}
+                )
+                return
+            calls: dict[int, dict[str, str]] = {}
+            async for event in self._generate(run, state, chat, calls):
+                yield event
+            cut = chat.tracker.reasons == ["length"]  # the output ran out: the last call may be unfinished
+            if not calls:
+                yield self._end(
+                    run,
+                    caller,
+                    model,
+                    "incomplete" if cut else "completed",
+                    reason="max_output_tokens" if cut else None,
+                )
+                return
+            async for event in self._dispatch(run, calls, offered, cut):
+                yield event
+            handed_back = any(  # calls the client answers: its own functions, approvals
+                offered.get(c["name"]) is None or offered[c["name"]].approval for c in calls.values()
+            )
+            if handed_back or cut:
+                yield self._end(
+                    run,
+                    caller,
+                    model,
+                    "incomplete" if cut else "completed",
+                    reason="max_output_tokens" if cut else None,
+                )
+                return
+        yield self._end(run, caller, model, "incomplete", reason="max_tool_rounds")
+
+    @staticmethod
+    def _chat(
+        req: ResponsesRequest,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        max_tokens: int | None,
+    ) -> protocol.ChatRequest:
+        """One round's chat request."""
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
+        body.update(temperature=req.temperature, top_p=req.top_p, response_format=_format(req))
+        if tools:
+            choice = req.tool_choice
+            named = {"type": "function", "function": {"name": getattr(choice, "name", "")}}
+            body.update(tools=tools, parallel_tool_calls=req.parallel_tool_calls)
+            body["tool_choice"] = choice if isinstance(choice, str) else named
+        return protocol.ChatRequest.model_validate(body)
+
+    async def _generate(
+        self, run: Run, state: State, chat: ChatRun, calls: dict[int, dict[str, str]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One round's generation: its text as a message item streamed delta by delta, its tool
+        calls gathered into `calls` (by index) and its tokens into the response's usage."""
+        message: dict[str, Any] = {
+            "type": "message",
+            "id": new_id("msg"),
+            "role": "assistant",
+            "status": "in_progress",
+            "content": [],
+        }
+        where = {"item_id": message["id"], "output_index": len(run.output), "content_index": 0}
+        text: list[str] = []
+        chunks = chat_chunks(chat.head, chat.outputs, 1, state.tokenizer, False, chat.plan.tool_names)
+        try:
+            async for chunk in chunks:
+                for choice in chunk["choices"]:
+                    delta = choice["delta"]
+                    if delta.get("content"):
+                        if not text:
+                            run.output.append(message)
+                            yield run.event(
+                                "response.output_item.added", output_index=where["output_index"], item=message
+                            )
+                            part = {"type": "output_text", "text": "", "annotations": []}
+                            yield run.event("response.content_part.added", **where, part=part)
+                        text.append(delta["content"])
+                        yield run.event(
+                            "response.output_text.delta", **where, delta=delta["content"], logprobs=[]
+                        )
+                    for call in delta.get("tool_calls") or ():
+                        entry = calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+                        function = call.get("function") or {}
+                        entry["id"] = call.get("id") or entry["id"]
+                        entry["name"] = function.get("name") or entry["name"]
+                        entry["arguments"] += function.get("arguments") or ""
+        finally:
+            await chunks.aclose()
+        t = chat.tracker
+        run.usage["input"] += t.prompt_tokens
+        run.usage["cached"] += t.cached_tokens
+        run.usage["output"] += t.tokens
+        if text:
+            part = {"type": "output_text", "text": "".join(text), "annotations": []}
+            message.update(status="completed", content=[part])
+            yield run.event("response.output_text.done", **where, text=part["text"], logprobs=[])
+            yield run.event("response.content_part.done", **where, part=part)
+            yield run.event("response.output_item.done", output_index=where["output_index"], item=message)
+
+    async def _dispatch(
+        self, run: Run, calls: dict[int, dict[str, str]], offered: dict[str, Offered], cut: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A round's calls as output items: the client's functions and the MCP calls that need its
+        approval handed back; the other MCP calls run together (a call cut off at the token limit
+        is reported, not run)."""
+        running: list[tuple[dict[str, Any], Offered]] = []
+        for call in calls.values():
+            mcp = offered.get(call["name"])
+            if mcp is None:
+                item = {
+                    "type": "function_call",
+                    "id": new_id("fc"),
+                    "call_id": call["id"],
+                    "name": call["name"],
+                }
+                item.update(arguments=call["arguments"], status="completed")
+            elif mcp.approval:
+                item = {"type": "mcp_approval_request", "id": call["id"], "server_label": mcp.label}
+                item.update(name=mcp.tool, arguments=call["arguments"])
+            else:
+                running.append((self._mcp_item(call["id"], mcp, call["arguments"]), mcp))
+                continue
+            for event in self._item(run, item, None, ()):
+                yield event
+        if cut and running and not _is_json(running[-1][0]["arguments"]):
+            running[-1][0].update(error="the call was cut off at max_output_tokens", status="failed")
+        for item, _ in running:
+            run.output.append(item)
+            index = len(run.output) - 1
+            yield run.event("response.output_item.added", output_index=index, item=item)
+            yield run.event("response.mcp_call.in_progress", output_index=index, item_id=item["id"])
+        await asyncio.gather(*(self._call(item, mcp) for item, mcp in running if not item["error"]))
+        for item, _ in running:
+            index = run.output.index(item)
+            outcome = "failed" if item["error"] else "completed"
+            yield run.event(f"response.mcp_call.{outcome}", output_index=index, item_id=item["id"])
+            yield run.event("response.output_item.done", output_index=index, item=item)
+
+    def _end(
+        self,
+        run: Run,
+        caller: Key | None,
+        model: str,
+        status: str,
+        reason: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The response's last event; the response is stored (unless `store` is false)."""
+        body = run.body(model, status, error=error, reason=reason)
+        if run.request.store:
+            team = caller.team if caller is not None and not caller.admin else None
+            self.store.put(body, run.history + run.inputs + run.output, team)
+        return run.event(f"response.{status}", response=body)
 
     def _item(
         self, run: Run, item: dict[str, Any], kind: str | None, phases: tuple[str, ...]
@@ -680,9 +674,3 @@ class Responder:
                 call.update(error="the user declined this call", status="failed")
             done.append(call)
         return done
-
-    def _keep(self, run: Run, caller: Key | None, model: str, status: str, reason: str | None) -> None:
-        if run.request.store:
-            team = caller.team if caller is not None and not caller.admin else None
-            items = run.history + run.inputs + run.output
-            self.store.put(run.body(model, status, reason=reason), items, team)
