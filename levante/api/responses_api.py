@@ -444,28 +444,14 @@ class Responder:
             async for event in self._generate(run, state, chat, calls):
                 yield event
             cut = chat.tracker.reasons == ["length"]  # the output ran out: the last call may be unfinished
-            if not calls:
-                yield self._end(
-                    run,
-                    caller,
-                    model,
-                    "incomplete" if cut else "completed",
-                    reason="max_output_tokens" if cut else None,
-                )
-                return
             async for event in self._dispatch(run, calls, offered, cut):
                 yield event
             handed_back = any(  # calls the client answers: its own functions, approvals
                 offered.get(c["name"]) is None or offered[c["name"]].approval for c in calls.values()
             )
-            if handed_back or cut:
-                yield self._end(
-                    run,
-                    caller,
-                    model,
-                    "incomplete" if cut else "completed",
-                    reason="max_output_tokens" if cut else None,
-                )
+            if not calls or handed_back or cut:  # an answer, the client's turn, or out of tokens
+                reason = "max_output_tokens" if cut else None
+                yield self._end(run, caller, model, "incomplete" if cut else "completed", reason=reason)
                 return
         yield self._end(run, caller, model, "incomplete", reason="max_tool_rounds")
 
