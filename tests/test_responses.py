@@ -311,6 +311,13 @@ def test_approval_flow(served: Served) -> None:
     (call,) = items(approved, "mcp_call")
     args = json.loads(request.arguments)
     assert call.output == f"{args['a']} + {args['b']} = {args['a'] + args['b']}"
+    with pytest.raises(openai.BadRequestError, match="already answered"):  # one approval runs one call
+        served.client.responses.create(
+            model="tiny",
+            previous_response_id=approved.id,
+            input=[{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}],
+            tools=[mcp_tool(allowed_tools=["add"], require_approval="always")],
+        )
 
 
 def test_streamed_events_in_order(served: Served) -> None:
@@ -353,6 +360,23 @@ def test_bad_requests_name_the_field(served: Served) -> None:
         ({"input": "x", "tools": [{"type": "mcp", "server_label": "nope"}]}, "tools[0].server_label"),
         ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
         ({"input": [{"type": "telepathy"}]}, "input[0].type"),
+        ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+        (
+            {
+                "input": [
+                    {
+                        "type": "mcp_approval_request",
+                        "id": "mcpr_1",
+                        "server_label": "tools",
+                        "name": "add",
+                        "arguments": "{}",
+                    },
+                    {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": "yes"},
+                ],
+                "tools": [{"type": "mcp", "server_label": "tools", "require_approval": "always"}],
+            },
+            "input[1].approve",
+        ),
         ({"input": "x", "temperature": 5}, "temperature"),
         ({"input": "x", "reasoning_effort": "high"}, "reasoning_effort"),
         (

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import secrets
 import sqlite3
 import threading
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError
 
 from levante.api import protocol
 from levante.api.errors import APIError, bad_request
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from levante.api.server import ChatRun, Server, State
     from levante.metering.ledger import Key
 
+_NOT_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+log = logging.getLogger(__name__)
 RESULT_CHARS = 16_000  # a tool result longer than this reaches the model truncated (and says so)
 
 
@@ -164,8 +168,6 @@ def to_messages(items: list[dict[str, Any]], vision: bool = False) -> list[dict[
 
     for i, item in enumerate(items):
         where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise bad_request(f"{where}: expected an object", where)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
@@ -173,24 +175,38 @@ def to_messages(items: list[dict[str, Any]], vision: bool = False) -> list[dict[
                 raise bad_request(
                     f"{where}.role: expected user, system, developer or assistant", f"{where}.role"
                 )
-            if "content" not in item:
-                raise bad_request(f"{where}: a message needs content", f"{where}.content")
+            if not isinstance(item.get("content"), str | list):
+                raise bad_request(
+                    f"{where}.content: a message needs text or content parts", f"{where}.content"
+                )
             messages.append({"role": role, "content": _content(item["content"], where)})
         elif kind == "function_call":
-            call(_need(item, "call_id", where), _need(item, "name", where), item.get("arguments") or "{}")
+            arguments = item.get("arguments", "{}")
+            if not isinstance(arguments, str):
+                raise bad_request(f"{where}.arguments: expected a JSON string", f"{where}.arguments")
+            call(_need(item, "call_id", where), _need(item, "name", where), arguments)
         elif kind == "function_call_output":
             output = item.get("output")
-            text = output if isinstance(output, str) else json.dumps(output)
+            text = (
+                output if isinstance(output, str) else json.dumps(output)
+            )  # a JSON result, as OpenAI allows
             messages.append({"role": "tool", "tool_call_id": _need(item, "call_id", where), "content": text})
         elif kind == "mcp_call":  # as this server returned it, or as a client echoes OpenAI's item back
-            call_id = item.get("call_id") or _need(item, "id", where)
-            name = (
-                item.get("model_name") or f"{_need(item, 'server_label', where)}_{_need(item, 'name', where)}"
-            )
-            call(call_id, name[:64], item.get("arguments") or "{}")
+            call_id = item["call_id"] if isinstance(item.get("call_id"), str) else _need(item, "id", where)
+            name = item.get("model_name")
+            if not isinstance(name, str):
+                name = _NOT_NAME.sub(
+                    "_", f"{_need(item, 'server_label', where)}_{_need(item, 'name', where)}"
+                )
+            call(call_id, name[:64], _need(item, "arguments", where))
             result = item.get("output") if item.get("error") is None else f"error: {item['error']}"
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": result or ""})
-            if vision and item.get("images"):
+            text = result if isinstance(result, str) else json.dumps(result) if result is not None else ""
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            if (
+                vision
+                and isinstance(item.get("images"), list)
+                and all(isinstance(u, str) for u in item["images"])
+            ):
                 parts = [{"type": "image_url", "image_url": {"url": url}} for url in item["images"]]
                 messages.append(
                     {"role": "user", "content": [{"type": "text", "text": f"Images from {name}:"}, *parts]}
@@ -368,7 +384,7 @@ class Responder:
             for spec in self.mcp.tools(tool.server_label):
                 if names is not None and spec.name not in names:
                     continue
-                seen = f"{tool.server_label}_{spec.name}"[:64]
+                seen = _NOT_NAME.sub("_", f"{tool.server_label}_{spec.name}")[:64]  # MCP allows . and /
                 if seen in functions or seen in out:
                     raise bad_request(f"{where}: the tool name {seen!r} is offered twice", where)
                 # arguments the tool did not declare cannot help it: the grammar leaves them out
@@ -470,7 +486,12 @@ class Responder:
             named = {"type": "function", "function": {"name": getattr(choice, "name", "")}}
             body.update(tools=tools, parallel_tool_calls=req.parallel_tool_calls)
             body["tool_choice"] = choice if isinstance(choice, str) else named
-        return protocol.ChatRequest.model_validate(body)
+        try:
+            return protocol.ChatRequest.model_validate(body)
+        except ValidationError as e:  # what the input items carried that a chat message cannot hold
+            raise bad_request(
+                f"input: the conversation is not one this model can read ({e.errors()[0]['msg']})", "input"
+            ) from None
 
     async def _generate(
         self, run: Run, state: State, chat: ChatRun, calls: dict[int, dict[str, str]]
@@ -511,6 +532,7 @@ class Responder:
                         entry["arguments"] += function.get("arguments") or ""
         finally:
             await chunks.aclose()
+            await chat.outputs.aclose()  # type: ignore[attr-defined]  # the engine request and its ledger row end here
         t = chat.tracker
         run.usage["input"] += t.prompt_tokens
         run.usage["cached"] += t.cached_tokens
@@ -540,8 +562,8 @@ class Responder:
                 }
                 item.update(arguments=call["arguments"], status="completed")
             elif mcp.approval:
-                item = {"type": "mcp_approval_request", "id": call["id"], "server_label": mcp.label}
-                item.update(name=mcp.tool, arguments=call["arguments"])
+                item = {"type": "mcp_approval_request", "id": new_id("mcpr"), "server_label": mcp.label}
+                item.update(name=mcp.tool, arguments=call["arguments"], call_id=call["id"])
             else:
                 running.append((self._mcp_item(call["id"], mcp, call["arguments"]), mcp))
                 continue
@@ -595,7 +617,7 @@ class Responder:
             "type": "mcp_call",
             "id": new_id("mcp"),
             "call_id": call_id,
-            "model_name": f"{mcp.label}_{mcp.tool}"[:64],
+            "model_name": mcp.spec["name"],
             "server_label": mcp.label,
             "name": mcp.tool,
             "arguments": arguments,
@@ -610,11 +632,16 @@ class Responder:
         started = time.monotonic()
         try:
             arguments = json.loads(item["arguments"] or "{}")
+            if not isinstance(arguments, dict):
+                raise ToolCallFailed("the arguments are not a JSON object")
             result = await self.mcp.call(mcp.label, mcp.tool, arguments)
         except json.JSONDecodeError as e:
             item.update(error=f"the arguments are not JSON: {e}", status="failed")
         except ToolCallFailed as e:
             item.update(error=str(e), status="failed")
+        except Exception as e:  # a bug must fail this call, not leave the others running unwatched
+            log.exception("MCP call %s on %s failed", mcp.tool, mcp.label)
+            item.update(error=f"internal error: {type(e).__name__}", status="failed")
         else:
             text = _result_text(result.content)
             if result.is_error:
@@ -631,32 +658,38 @@ class Responder:
         item["duration"] = round(time.monotonic() - started, 3)
 
     async def _approved(self, run: Run, offered: dict[str, Offered]) -> list[dict[str, Any]]:
-        """The calls this request's `mcp_approval_response` inputs answer: run if approved, else
-        reported to the model as declined."""
-        asked_before = run.history + run.inputs  # stored, or sent back by a client that keeps its own items
-        requests = {i["id"]: i for i in asked_before if i.get("type") == "mcp_approval_request"}
-        done = []
+        """The calls this request's `mcp_approval_response` inputs answer, each checked first (a
+        bad or repeated answer is a 400 before any tool runs), then the approved ones run together
+        and the declined ones are reported to the model as declined."""
+        earlier = run.history + run.inputs  # stored, or sent back by a client that keeps its own items
+        requests = {i.get("id"): i for i in earlier if i.get("type") == "mcp_approval_request"}
+        answered = {i.get("approval_request_id") for i in run.history if i.get("type") == "mcp_call"}
+        chosen: list[tuple[dict[str, Any], Offered, bool]] = []
         for i, item in enumerate(run.inputs):
             if item.get("type") != "mcp_approval_response":
                 continue
-            asked = requests.get(item.get("approval_request_id", ""))
-            if asked is None:
+            where = f"input[{i}]"
+            request_id = _need(item, "approval_request_id", where)
+            if not isinstance(item.get("approve"), bool):
+                raise bad_request(f"{where}.approve: expected true or false", f"{where}.approve")
+            asked = requests.get(request_id)
+            if asked is None or request_id in answered:
+                why = "was already answered" if asked is not None else "is not in the conversation"
                 raise bad_request(
-                    f"input[{i}].approval_request_id: no mcp_approval_request of that id in the conversation",
-                    f"input[{i}].approval_request_id",
+                    f"{where}.approval_request_id: {request_id!r} {why}", f"{where}.approval_request_id"
                 )
-            mcp = next(
-                (o for o in offered.values() if o.label == asked["server_label"] and o.tool == asked["name"]),
-                None,
-            )
+            answered.add(request_id)
+            label, name = _need(asked, "server_label", where), _need(asked, "name", where)
+            mcp = next((o for o in offered.values() if o.label == label and o.tool == name), None)
             if mcp is None:
                 raise bad_request(
-                    f"input[{i}]: the tool {asked['name']!r} is not offered in this request", f"input[{i}]"
+                    f"{where}: the tool {name!r} of {label!r} is not offered in this request", where
                 )
-            call = self._mcp_item(asked["id"], mcp, asked["arguments"])
-            if item.get("approve"):
-                await self._call(call, mcp)
-            else:
+            call = self._mcp_item(asked.get("call_id") or request_id, mcp, _need(asked, "arguments", where))
+            call["approval_request_id"] = request_id
+            chosen.append((call, mcp, item["approve"]))
+        for call, _, approve in chosen:
+            if not approve:
                 call.update(error="the user declined this call", status="failed")
-            done.append(call)
-        return done
+        await asyncio.gather(*(self._call(call, mcp) for call, mcp, approve in chosen if approve))
+        return [call for call, _, _ in chosen]

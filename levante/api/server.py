@@ -715,8 +715,16 @@ async def _response_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterat
         async for event in events:
             sequence = event["sequence_number"] + 1
             yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
-    except (APIError, RequestError) as e:
-        err = e if isinstance(e, APIError) else bad_request(str(e))
+    except Exception as e:  # the stream has begun: the client learns of the failure as an event
+        if not isinstance(e, APIError | RequestError):
+            log.exception("a response failed mid-stream")
+        err = (
+            e
+            if isinstance(e, APIError)
+            else bad_request(str(e))
+            if isinstance(e, RequestError)
+            else APIError(500, f"internal error: {type(e).__name__}")
+        )
         body = {
             "type": "error",
             "sequence_number": sequence,

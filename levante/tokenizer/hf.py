@@ -109,11 +109,13 @@ class HFBackend(Tokenizer):
             raise TokenizerError(f"{self._where}: the model has no chat template")
         text = chat_template.render(template, messages, tools, self._special_tokens, add_generation_prompt)
         if continue_final_message:  # cut what the template puts after the final message's text (as vLLM)
-            final = messages[-1].get("content")
-            final = final if isinstance(final, str) else "".join(p.get("text", "") for p in final or [])
+            final = str(messages[-1].get("content") or "").strip()  # templates may trim it
             end = text.rfind(final) if final else -1
-            if end >= 0:
-                text = text[: end + len(final)]
+            if end < 0:
+                raise TokenizerError(
+                    "continue_final_message: the chat template does not show the final message's text"
+                )
+            text = text[: end + len(final)]
         return PromptInputs(tokens=self.encode(text, add_bos=False))
 
     def guidance_tokenizer(self) -> llg.LLTokenizer:
