@@ -593,4 +593,11 @@ def test_mentions_turns_and_proposals(tmp_path: Path) -> None:
     assert [(n["text"], n["author"], n["status"]) for n in store.notes(space)] == [
         ("Ships Friday.", "m", "proposed")
     ]
+    with pytest.raises(TypeError):  # a write that fails midway is rolled back, not left open
+        store.update_note(999_999, text="nobody's")
+    store.add_note(space, "after the failure", "Ana")
+    assert [n["text"] for n in Store(tmp_path / "spaces.db").notes(space)] == [
+        "Ships Friday.",
+        "after the failure",
+    ]
     store.close()

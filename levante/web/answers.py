@@ -222,7 +222,7 @@ class Answers:
 
     async def _stream(self, state: State, run: ChatRun, answer: dict[str, Any], asker: str) -> None:
         space, mid = answer["space"], answer["id"]
-        text = self.partial[mid]
+        text, length = self.partial[mid], 0  # the answer so far, and its length in characters
         calls: list[dict[str, str]] = []
         status, error = "done", None
         started = time.monotonic()
@@ -231,12 +231,12 @@ class Answers:
             async for chunk in chunks:
                 for choice in chunk["choices"]:
                     delta = choice["delta"]
-                    if delta.get("content"):
-                        offset = sum(map(len, text))  # lets a page that missed a delta notice it
-                        text.append(delta["content"])
+                    if delta.get("content"):  # the offset lets a page that missed a delta notice it
                         self.hub.publish(
-                            space, "delta", {"id": mid, "offset": offset, "text": delta["content"]}
+                            space, "delta", {"id": mid, "offset": length, "text": delta["content"]}
                         )
+                        text.append(delta["content"])
+                        length += len(delta["content"])
                     for call in delta.get("tool_calls") or ():
                         function = call.get("function") or {}
                         if function.get("name") or not calls:

@@ -9,12 +9,14 @@ committed before the server answers it."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,19 @@ class Store:
         with self.lock:
             return self.db.execute(sql, args)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Writes that land together or not at all (a change and its log entry, a post and its
+        answer's row)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
     def _changed(self, space: str, kind: str, ref: int) -> None:
         self.db.execute("INSERT INTO changes (space, kind, ref) VALUES (?, ?, ?)", (space, kind, ref))
 
@@ -174,6 +189,9 @@ class Store:
     def secret(self, name: str) -> str:
         """A random value made once and kept (e.g. the local workspace's CSRF token, which must
         outlive a restart so an open page keeps working)."""
+        row = self.db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        if row is not None:  # asked on every request of a local workspace: a read, not a write
+            return row[0]
         with self.lock:
             self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (name, secrets.token_urlsafe(32)))
             return self.db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()[0]
@@ -268,35 +286,29 @@ class Store:
         """A member's message (with its images) and, when it asks the model, the answer's row —
         one transaction, so a post is stored whole or not at all."""
         now = time.time()
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                ids = []
-                for mime, data in images:
-                    ids.append(secrets.token_hex(12))
-                    self.db.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (ids[-1], space, mime, data))
+        with self._transaction():
+            ids = []
+            for mime, data in images:
+                ids.append(secrets.token_hex(12))
+                self.db.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (ids[-1], space, mime, data))
+            cur = self.db.execute(
+                "INSERT INTO messages (space, role, author, content, images, created, status) "
+                "VALUES (?, 'user', ?, ?, ?, ?, 'done')",
+                (space, author, content, json.dumps(ids), now),
+            )
+            asked = cur.lastrowid
+            assert asked is not None
+            self._changed(space, "message", asked)
+            reply = None
+            if answer is not None:
                 cur = self.db.execute(
-                    "INSERT INTO messages (space, role, author, content, images, created, status) "
-                    "VALUES (?, 'user', ?, ?, ?, ?, 'done')",
-                    (space, author, content, json.dumps(ids), now),
+                    "INSERT INTO messages (space, role, author, content, created, status, asked_by, "
+                    "asked_in, model) VALUES (?, 'assistant', ?, '', ?, 'streaming', ?, ?, ?)",
+                    (space, answer["model"], now, author, asked, answer["model"]),
                 )
-                asked = cur.lastrowid
-                assert asked is not None
-                self._changed(space, "message", asked)
-                reply = None
-                if answer is not None:
-                    cur = self.db.execute(
-                        "INSERT INTO messages (space, role, author, content, created, status, asked_by, "
-                        "asked_in, model) VALUES (?, 'assistant', ?, '', ?, 'streaming', ?, ?, ?)",
-                        (space, answer["model"], now, author, asked, answer["model"]),
-                    )
-                    reply = cur.lastrowid
-                    assert reply is not None
-                    self._changed(space, "message", reply)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+                reply = cur.lastrowid
+                assert reply is not None
+                self._changed(space, "message", reply)
         return self.message(asked), self.message(reply) if reply is not None else None
 
     def message(self, message_id: int) -> dict[str, Any]:
@@ -315,21 +327,13 @@ class Store:
     def update_answer(self, message_id: int, **fields: Any) -> dict[str, Any]:
         """Sets an answer's status, content, error, usage, tool calls or asker, as one change."""
         encoded = {k: json.dumps(v) if k in ("usage", "tool_calls") else v for k, v in fields.items()}
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                assignments = ", ".join(f"{k} = ?" for k in encoded)
-                self.db.execute(
-                    f"UPDATE messages SET {assignments} WHERE id = ?", (*encoded.values(), message_id)
-                )
-                space = self.db.execute("SELECT space FROM messages WHERE id = ?", (message_id,)).fetchone()[
-                    0
-                ]
-                self._changed(space, "message", message_id)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._transaction():
+            assignments = ", ".join(f"{k} = ?" for k in encoded)
+            self.db.execute(
+                f"UPDATE messages SET {assignments} WHERE id = ?", (*encoded.values(), message_id)
+            )
+            space = self.db.execute("SELECT space FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+            self._changed(space, "message", message_id)
         return self.message(message_id)
 
     def orphaned_answers(self) -> list[int]:
@@ -350,15 +354,13 @@ class Store:
 
     def add_note(self, space: str, text: str, author: str, status: str = "pinned") -> dict[str, Any]:
         now = time.time()
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             cur = self.db.execute(
                 "INSERT INTO notes (space, text, author, status, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
                 (space, text, author, status, now, now),
             )
             assert cur.lastrowid is not None
             self._changed(space, "note", cur.lastrowid)
-            self.db.execute("COMMIT")
         return self.note(cur.lastrowid)
 
     def note(self, note_id: int) -> dict[str, Any]:
@@ -375,8 +377,7 @@ class Store:
         return [_note(r) for r in rows]
 
     def update_note(self, note_id: int, text: str | None = None, status: str | None = None) -> dict[str, Any]:
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             self.db.execute(
                 "UPDATE notes SET text = COALESCE(?, text), status = COALESCE(?, status), updated = ? "
                 "WHERE id = ?",
@@ -384,16 +385,13 @@ class Store:
             )
             space = self.db.execute("SELECT space FROM notes WHERE id = ?", (note_id,)).fetchone()[0]
             self._changed(space, "note", note_id)
-            self.db.execute("COMMIT")
         return self.note(note_id)
 
     def delete_note(self, note_id: int) -> None:
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._transaction():
             space = self.db.execute("SELECT space FROM notes WHERE id = ?", (note_id,)).fetchone()[0]
             self.db.execute("DELETE FROM notes WHERE id = ?", (note_id,))
             self._changed(space, "note_deleted", note_id)
-            self.db.execute("COMMIT")
 
     # ---- events and money -----------------------------------------------------------------------
 
