@@ -386,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--mcp-config",
         type=Path,
-        help='MCP servers the Responses API may call, in the mcpServers JSON format ({"mcpServers": {…}})',
+        help='MCP servers responses and Spaces may call, in the mcpServers JSON format ({"mcpServers": {…}})',
     )
     s.add_argument(
         "--responses-db",

@@ -18,6 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from playwright.sync_api import Browser, sync_playwright
 from servers import ServerProcess, free_port, running
 
 from levante.loader import demo_model_path
@@ -29,6 +30,15 @@ from levante.testing.checkpoints import TinySpec
 os.environ.setdefault("LEVANTE_ENFORCE_EAGER", "1")
 # Servers started without --spaces-db keep the web app's Spaces here, not in the user's home.
 os.environ.setdefault("LEVANTE_DATA_DIR", tempfile.mkdtemp(prefix="levante-data-"))
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def healthy_init(model: torch.nn.Module, seed: int) -> None:
@@ -190,3 +200,14 @@ def ray_cluster() -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's headless chromium driven by Playwright (`playwright install` cannot download here)."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `make setup` installs it (apt-get install -y chromium)"
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()

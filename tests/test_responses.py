@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import sqlite3
 import sys
@@ -34,8 +35,10 @@ from agents import (
 )
 from openai import AsyncOpenAI
 from PIL import Image
+from playwright.sync_api import Browser, expect
 from servers import ServerProcess, post
 from test_metering import levante, new_key
+from test_web import Member, api, new_space
 
 TOOLS_SERVER = '''
 import asyncio
@@ -112,7 +115,7 @@ def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     config.write_text(json.dumps({"mcpServers": {"tools": tools}}))
     db = home / "usage.db"
     key = new_key(db, "lab", "ana")
-    args = ["--model", str(model), "--kv-cache-memory", "0.05", "--served-model-name", "tiny", "--no-web"]
+    args = ["--model", str(model), "--kv-cache-memory", "0.05", "--served-model-name", "tiny"]
     args += [
         "--usage-db",
         str(db),
@@ -122,6 +125,8 @@ def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "3",
         "--tool-timeout",
         "4",
+        "--space-max-tokens",
+        "40",
     ]
     server = ServerProcess(args, home / "server.log")
     try:
@@ -447,3 +452,88 @@ def test_the_openai_agents_sdk_drives_it(served: Served) -> None:
     assert approved and set(approved) == {"add"}
     calls = [i for i in raw if getattr(i, "type", None) == "mcp_call"]
     assert calls and calls[0].error is None and " = " in calls[0].output  # the server ran it, the SDK saw it
+
+
+def test_a_space_uses_the_mcp_servers_it_enables(served: Served, browser: Browser) -> None:
+    """A member enables the configured MCP server in a Space (another member sees it live);
+    `/tools_add` in a mention makes the model call that tool first, and every member sees the call
+    — name, arguments, result, time — in the thread; each round is on the ledger; Stop cancels a
+    hanging call on the MCP server; once disabled, the server's tools are offered no more."""
+    url = served.server.url
+    ana = Member(browser, url).sign_in(served.key)
+    ben = Member(browser, url).sign_in(new_key(served.db, "lab", "ben"))
+    space = new_space(ana, "Tools")
+    ben.open(space)
+    toggle = "[data-testid=mcp-toggle][data-label=tools]"
+    expect(ana.page.locator("[data-testid=mcp-server][data-label=tools]")).to_contain_text("add, fail, hang")
+    ana.page.locator(toggle).check()
+    expect(ben.page.locator(toggle)).to_be_checked()  # live, through the Space's event stream
+
+    composer = ana.page.locator("[data-testid=composer]")
+    composer.press_sequentially("@tiny /tools_a")
+    expect(ana.page.locator("[data-testid=mention-option]")).to_have_text(["/tools_addtools"])
+    composer.press("Tab")
+    assert composer.input_value() == "@tiny /tools_add "
+    composer.press_sequentially("two and three")
+    composer.press("Enter")
+    answer = ben.messages("assistant").last
+    expect(answer).to_have_attribute("data-status", "done", timeout=60_000)
+    call = answer.locator("[data-testid=tool-call]").first
+    expect(call).to_have_attribute("data-status", "completed")
+    expect(call.locator("[data-testid=tool-call-name]")).to_have_text("tools · add")
+    call.locator("summary").click()
+    arguments = json.loads(call.locator("[data-testid=tool-call-arguments]").text_content() or "")
+    a, b = arguments["a"], arguments["b"]
+    expect(call.locator("[data-testid=tool-call-result]")).to_have_text(f"{a} + {b} = {a + b}")
+    expect(call.locator("summary")).to_contain_text(re.compile(r"done · \d+\.\d\d s"))
+
+    thread = api(url, f"/web/api/spaces/{space}", served.key)[1]["messages"]
+    stored = thread[-1]
+    assert stored["tool_calls"][0] | {"duration": 0} == stored["tool_calls"][0] | {
+        "server_label": "tools",
+        "name": "add",
+        "output": f"{a} + {b} = {a + b}",
+        "error": None,
+        "status": "completed",
+        "duration": 0,
+    }
+    with sqlite3.connect(served.db) as conn:
+        rounds = conn.execute(
+            "SELECT SUM(prompt_tokens), SUM(completion_tokens), COUNT(*) FROM requests "
+            "WHERE endpoint = 'space'"
+        ).fetchone()
+    assert rounds[2] >= 2  # the call's round, then at least one that read its result
+    assert (stored["usage"]["prompt_tokens"], stored["usage"]["completion_tokens"]) == rounds[:2]
+    status, markdown = api(url, f"/web/api/spaces/{space}/export.md", served.key)
+    assert (
+        status == 200
+        and f"`tools.add({stored['tool_calls'][0]['arguments']})` — completed" in markdown.decode()
+    )
+
+    marker = served.home / "cancelled"
+    marker.unlink(missing_ok=True)
+    ana.send("@tiny /tools_hang please")
+    hanging = ana.messages("assistant").last
+    expect(hanging.locator("[data-testid=tool-call]")).to_have_attribute("data-status", "in_progress")
+    hanging.locator("[data-testid=stop]").click()
+    expect(hanging).to_have_attribute("data-status", "stopped")
+    expect(hanging.locator("[data-testid=tool-call]")).to_have_attribute("data-status", "failed")
+    hanging.locator("[data-testid=tool-call] summary").click()
+    expect(hanging.locator("[data-testid=tool-call-result]")).to_have_text("stopped before it finished")
+    deadline = time.monotonic() + 3  # cancelled on the MCP server, well before the 4 s call timeout
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the tool call was not cancelled"
+        time.sleep(0.05)
+
+    ben.page.locator(toggle).uncheck()
+    expect(ana.page.locator(toggle)).not_to_be_checked()
+    composer.fill("")
+    composer.press_sequentially("@tiny /tools_a")
+    expect(ana.page.locator("[data-testid=mention-popup]")).to_be_hidden()
+    composer.press_sequentially("dd 4 and 5")
+    composer.press("Enter")
+    last = ana.messages("assistant").last
+    expect(last).to_have_attribute("data-status", "done", timeout=60_000)
+    expect(last.locator("[data-testid=tool-call]")).to_have_count(0)
+    ana.close()
+    ben.close()

@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,34 +23,16 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 from servers import ServerProcess
 from test_metering import levante, new_key
 
-from levante.web.answers import Answers, mentions, thread_turns
+from levante.api.responses_api import to_messages
+from levante.web.answers import Answers, forced_tool, mentions, thread_items
 from levante.web.store import Store
 
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 MODEL = "smollm2"
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is missing: `make setup` installs it (apt-get install -y chromium)"
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        yield launched
-        launched.close()
 
 
 @dataclass
@@ -417,6 +398,17 @@ def test_bad_input_is_named(team: Team) -> None:
     for path, body, param in cases:
         status, err = api(url, path, ana, body)
         assert 400 <= status < 500 and err["error"]["param"] == param, (path, body, status, err)
+    edits = [({"mcp": ["nowhere"]}, "mcp[0]"), ({"title": "  "}, "title"), ({"colour": "red"}, "colour")]
+    for body, param in edits:
+        status, err = api(url, f"/web/api/spaces/{sid}", ana, body, "PATCH")
+        assert status == 400 and err["error"]["param"] == param, (body, status, err)
+    assert (
+        "configured: none"
+        in api(url, f"/web/api/spaces/{sid}", ana, {"mcp": ["x"]}, "PATCH")[1]["error"]["message"]
+    )
+    assert api(url, f"/web/api/spaces/{sid}", team.keys["zed"], {"title": "mine"}, "PATCH")[0] == 404
+    status, renamed = api(url, f"/web/api/spaces/{sid}", ana, {"title": " Inputs, renamed "}, "PATCH")
+    assert status == 200 and renamed["title"] == "Inputs, renamed" and renamed["mcp"] == []
     status, err = api(
         url, "/web/api/cost?seats=0&messages_per_day=80&input_tokens=500&output_tokens=300", ana
     )
@@ -560,27 +552,55 @@ def test_local_workspace_opens_without_sign_in(demo: ServerProcess, browser: Bro
 def test_mentions_turns_and_proposals(tmp_path: Path) -> None:
     assert mentions("hey @smollm2, a question", "smollm2") and mentions("@smollm2", "smollm2")
     assert not mentions("mail me at me@smollm2.org", "smollm2") and not mentions("@smollm2x", "smollm2")
+    assert forced_tool("@m /tools_add 2 and 3", ["tools_add"]) == "tools_add"
+    assert forced_tool("@m see /etc and a/tools_add or /tools_add.py", ["tools_add"]) is None
+
+    def message(role: str, author: str, content: str, status: str = "done", **extra: Any) -> dict[str, Any]:
+        return {"role": role, "author": author, "content": content, "status": status, "images": []} | {
+            "tool_calls": [],
+            **extra,
+        }
+
+    call = {
+        "type": "mcp_call",
+        "id": "mcp_1",
+        "call_id": "c1",
+        "model_name": "tools_add",
+        "server_label": "tools",
+        "name": "add",
+        "arguments": '{"a": 2, "b": 3}',
+        "output": "2 + 3 = 5",
+        "error": None,
+        "status": "completed",
+    }
+    running = {**call, "id": "mcp_2", "status": "in_progress", "output": None}
     thread = [
-        {
-            "role": "user",
-            "author": "Ana",
-            "content": "one",
-            "images": ["/web/api/images/a"],
-            "status": "done",
-        },
-        {"role": "user", "author": "Ben", "content": "two", "images": [], "status": "done"},
-        {"role": "assistant", "author": "m", "content": "half", "images": [], "status": "error"},
-        {"role": "assistant", "author": "m", "content": "answer", "images": [], "status": "done"},
-        {"role": "user", "author": "Ana", "content": "@m three", "images": [], "status": "done"},
+        message("user", "Ana", "one", images=["/web/api/images/a"]),
+        message("user", "Ben", "two"),
+        message("assistant", "m", "half", "error"),
+        message(
+            "assistant",
+            "m",
+            "answer",
+            tool_calls=[call, running, {"type": "function_call", "name": "remember"}],
+        ),
+        message("user", "Ana", "@m three"),
     ]
-    turns = thread_turns(thread, {"/web/api/images/a": "data:image/png;base64,AA"})
-    assert [t["role"] for t in turns] == ["user", "assistant", "user"]  # Ana and Ben merged; no failed answer
-    assert turns[0]["content"] == [
-        {"type": "text", "text": "Ana: one"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
-        {"type": "text", "text": "Ben: two"},
+    items = thread_items(thread, {"/web/api/images/a": "data:image/png;base64,AA"})
+    # Ana and Ben merged; no failed answer; the earlier answer's finished MCP call before its text
+    assert [i.get("role", i["type"]) for i in items] == ["user", "mcp_call", "assistant", "user"]
+    assert items[0]["content"] == [
+        {"type": "input_text", "text": "Ana: one"},
+        {"type": "input_image", "image_url": "data:image/png;base64,AA"},
+        {"type": "input_text", "text": "Ben: two"},
     ]
-    assert thread_turns(thread[:1], None)[0]["content"] == [{"type": "text", "text": "Ana: one [1 image(s)]"}]
+    messages = to_messages(items)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "user"]
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "tools_add", "arguments": '{"a": 2, "b": 3}'}
+    assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "2 + 3 = 5"}
+    assert thread_items(thread[:1], None)[0]["content"] == [
+        {"type": "input_text", "text": "Ana: one [1 image(s)]"}
+    ]
 
     store = Store(tmp_path / "spaces.db")
     space = store.create_space("t", "Space", "Ana")["id"]

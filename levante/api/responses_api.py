@@ -237,6 +237,8 @@ class Run:
     request: ResponsesRequest
     history: list[dict[str, Any]]  # earlier conversation items (from previous_response_id)
     inputs: list[dict[str, Any]]
+    endpoint: str = "responses"  # the ledger's name for where the rounds came from
+    forced_rounds: int | None = None  # rounds a named/required tool_choice binds (None: all), then auto
     output: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=lambda: {"input": 0, "cached": 0, "output": 0})
     sequence: int = 0
@@ -350,6 +352,14 @@ def _approval(tool: MCPTool, name: str) -> bool:
     return rule.always is None or not rule.always.tool_names or name in rule.always.tool_names
 
 
+def tool_specs(req: ResponsesRequest, offered: dict[str, Offered]) -> list[dict[str, Any]]:
+    """The chat tools every round offers: the client's functions, then the MCP tools."""
+    functions = [
+        t.model_dump(exclude_none=True, exclude={"type"}) for t in req.tools if isinstance(t, FunctionTool)
+    ]
+    return [{"type": "function", "function": f} for f in [*functions, *(o.spec for o in offered.values())]]
+
+
 class Responder:
     """Runs responses for one server: the MCP servers it may call, where responses are stored and
     how many rounds a response may take."""
@@ -432,11 +442,7 @@ class Responder:
             for event in self._item(run, item, "mcp_call", ("in_progress", outcome)):
                 yield event
         vision = state.engine.engine.model.config.vision is not None
-        tools = [
-            {"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
-            for t in req.tools
-            if isinstance(t, FunctionTool)
-        ] + [{"type": "function", "function": o.spec} for o in offered.values()]
+        tools = tool_specs(req, offered)
         for round_number in range(self.max_rounds):
             left = req.max_output_tokens - run.usage["output"] if req.max_output_tokens is not None else None
             if left is not None and left <= 0:  # max_output_tokens bounds the whole response, every round
@@ -446,8 +452,10 @@ class Responder:
             if req.instructions:
                 messages = [{"role": "system", "content": req.instructions}, *messages]
             try:
+                forced = run.forced_rounds is None or round_number < run.forced_rounds
+                choice = req.tool_choice if forced else "auto"
                 chat = await self.server.start_chat(
-                    state, caller, self._chat(req, messages, tools, left), "responses"
+                    state, caller, self._chat(req, messages, tools, choice, left), run.endpoint
                 )
             except APIError as e:
                 if round_number == 0:
@@ -476,13 +484,13 @@ class Responder:
         req: ResponsesRequest,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
+        choice: str | NamedFunction,
         max_tokens: int | None,
     ) -> protocol.ChatRequest:
         """One round's chat request."""
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens}
         body.update(temperature=req.temperature, top_p=req.top_p, response_format=_format(req))
         if tools:
-            choice = req.tool_choice
             named = {"type": "function", "function": {"name": getattr(choice, "name", "")}}
             body.update(tools=tools, parallel_tool_calls=req.parallel_tool_calls)
             body["tool_choice"] = choice if isinstance(choice, str) else named
@@ -533,10 +541,10 @@ class Responder:
         finally:
             await chunks.aclose()
             await chat.outputs.aclose()  # type: ignore[attr-defined]  # the engine request and its ledger row end here
-        t = chat.tracker
-        run.usage["input"] += t.prompt_tokens
-        run.usage["cached"] += t.cached_tokens
-        run.usage["output"] += t.tokens
+            t = chat.tracker  # counted even when the response is cancelled here
+            run.usage["input"] += t.prompt_tokens
+            run.usage["cached"] += t.cached_tokens
+            run.usage["output"] += t.tokens
         if text:
             part = {"type": "output_text", "text": "".join(text), "annotations": []}
             message.update(status="completed", content=[part])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from levante.errors import LevanteError
 from levante.metering.ledger import month_start
 from levante.metering.prices import team_cost
 from levante.web import auth
-from levante.web.answers import AnswerLimits, Answers, discard, mentions
+from levante.web.answers import AnswerLimits, Answers, mentions
 from levante.web.auth import Member
 from levante.web.events import Hub
 from levante.web.model_page import model_facts
@@ -64,6 +65,11 @@ class Authored(_Body):
 class NewSpace(Authored):
     title: str = Field(min_length=1, max_length=200)
     team: str | None = Field(default=None, min_length=1, max_length=200)  # admins only
+
+
+class SpaceEdit(_Body):
+    title: str | None = Field(default=None, min_length=1, max_length=200)
+    mcp: list[str] | None = Field(default=None, max_length=64)  # labels of the operator's MCP servers
 
 
 class Post(Authored):
@@ -236,6 +242,7 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         space = visible(member(request), space_id)
         return {
             "space": space,
+            "mcp_servers": answers.mcp_servers(),
             "messages": [answers.live(m) for m in store.messages(space_id)],
             "notes": store.notes(space_id),
             "credits": credits(space_id),
@@ -257,23 +264,19 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
             raise bad_request(f"images: at most {server.config.images.max_images} per message", "images")
         checked = [await _image(url, i, server) for i, url in enumerate(body.images)]
         state = server.ready()
-        run = None
+        pending = None
         if mentions(content, state.model_name):
             urls = [url for url, _, _ in checked]
-            pending = {"role": "user", "author": name, "content": content, "images": urls, "status": "done"}
-            run = await answers.start(state, who.key, space, [*store.messages(space_id), pending])
-        try:
-            images = [(mime, data) for _, mime, data in checked]
-            message, answer = store.post(
-                space_id, name, content, images, {"model": state.model_name} if run is not None else None
-            )
-        except BaseException:
-            if run is not None:
-                await discard(run)
-            raise
+            asking = {"role": "user", "author": name, "content": content, "images": urls, "status": "done"}
+            asking["tool_calls"] = []
+            pending = await answers.start(state, who.key, space, [*store.messages(space_id), asking])
+        images = [(mime, data) for _, mime, data in checked]
+        message, answer = store.post(
+            space_id, name, content, images, {"model": state.model_name} if pending is not None else None
+        )
         hub.notify(space_id)
-        if run is not None and answer is not None:
-            answers.run(state, run, answer, name)
+        if pending is not None and answer is not None:
+            answers.run(state, pending, answer, name)
         return {"message": message, "answer": answer}
 
     def answer_of(space: dict[str, Any], message_id: int) -> dict[str, Any]:
@@ -305,11 +308,7 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         state = server.ready()
         answers.claim(message_id)  # before the first await: a second click gets 409, not a second run
         try:
-            run = await answers.start(state, who.key, space, store.messages(space_id, before=message_id))
-        except BaseException:
-            answers.busy.discard(message_id)
-            raise
-        try:
+            pending = await answers.start(state, who.key, space, store.messages(space_id, before=message_id))
             fresh = store.update_answer(
                 message_id,
                 content="",
@@ -322,10 +321,9 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
             )
         except BaseException:
             answers.busy.discard(message_id)
-            await discard(run)
             raise
         hub.notify(space_id)
-        answers.run(state, run, fresh, name)
+        answers.run(state, pending, fresh, name)
         return fresh
 
     @app.get("/web/api/spaces/{space_id}/events")
@@ -342,6 +340,8 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         def render(kind: str, ref: int) -> dict[str, Any] | None:
             if kind == "note_deleted":
                 return {"id": ref}
+            if kind == "space":
+                return store.space(space_id)
             if kind == "message":
                 found = lookup(store.message, ref)
                 return answers.live(found) if found else None
@@ -357,6 +357,24 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
         stream = hub.stream(store, space_id, start, render, lambda: server.draining, allowed)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    @app.patch("/web/api/spaces/{space_id}")
+    async def edit_space(space_id: str, body: SpaceEdit, request: Request) -> dict[str, Any]:
+        """Renames the Space or sets the MCP servers whose tools its answers may use (any of the
+        operator's, by label; every member of the team sees the change live)."""
+        visible(member(request), space_id)
+        title = body.title.strip() if body.title is not None else None
+        if title == "":
+            raise bad_request("title: give the Space a name", "title")
+        configured = server.mcp.names() if server.mcp is not None else []
+        for i, label in enumerate(body.mcp or ()):
+            if label not in configured:
+                known = ", ".join(configured) or "none (start the server with --mcp-config)"
+                raise bad_request(f"mcp[{i}]: no MCP server {label!r}; configured: {known}", f"mcp[{i}]")
+        mcp = sorted(set(body.mcp)) if body.mcp is not None else None
+        space = store.update_space(space_id, title=title, mcp=mcp)
+        hub.notify(space_id)
+        return space
 
     # ---- memory --------------------------------------------------------------------------------
 
@@ -463,7 +481,21 @@ def markdown(space: dict[str, Any], notes: list[dict[str, Any]], messages: list[
             who += f" (asked by {m['asked_by']}{cost}; {m['status']})"
         lines += [f"{who} — {_when(m['created'])}", "", m["content"] or "_(no text)_", ""]
         lines += [f"![image]({url})" for url in m["images"]]
-        lines += [f"`{c['name']}({c['arguments']})`" for c in m["tool_calls"]]
+        for call in m["tool_calls"]:
+            lines += _call_lines(call)
         if m["images"] or m["tool_calls"]:
             lines.append("")
     return "\n".join(lines)
+
+
+def _call_lines(call: dict[str, Any]) -> list[str]:
+    """A tool call in the Markdown export: what was called, then an MCP call's result or error
+    in a fence longer than any backtick run inside it."""
+    name = f"{call['server_label']}.{call['name']}" if call.get("type") == "mcp_call" else call["name"]
+    head = f"`{name}({call['arguments']})`"
+    if call.get("type") != "mcp_call":
+        return [head]
+    took = f", {call['duration']:.2f} s" if call.get("duration") is not None else ""
+    result = call["output"] if call["error"] is None else f"error: {call['error']}"
+    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", result or "")), default=0))
+    return [f"{head} — {call['status']}{took}", "", fence, result or "", fence, ""]

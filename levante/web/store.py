@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS spaces (
     created REAL NOT NULL,
     created_by TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS space_tools (
+    space TEXT NOT NULL REFERENCES spaces(id),
+    server TEXT NOT NULL,
+    PRIMARY KEY (space, server)
+);
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     space TEXT NOT NULL REFERENCES spaces(id),
@@ -105,7 +110,7 @@ SESSION_SECONDS = 30 * 24 * 3600
 
 @dataclass(frozen=True)
 class Change:
-    """One SSE event: what changed (`message`, `note`, `note_deleted`) and its id."""
+    """One SSE event: what changed (`message`, `note`, `note_deleted`, `space`) and its id."""
 
     id: int
     kind: str
@@ -247,7 +252,8 @@ class Store:
 
     def space(self, space: str) -> dict[str, Any] | None:
         row = self.db.execute(
-            "SELECT s.*, (SELECT MAX(created) FROM messages WHERE space = s.id) AS last "
+            "SELECT s.*, (SELECT MAX(created) FROM messages WHERE space = s.id) AS last, "
+            "(SELECT json_group_array(server) FROM space_tools WHERE space = s.id) AS mcp "
             "FROM spaces s WHERE id = ?",
             (space,),
         ).fetchone()
@@ -256,7 +262,8 @@ class Store:
     def spaces(self, team: str | None) -> list[dict[str, Any]]:
         """A team's Spaces, or every team's (None), most recently active first."""
         rows = self.db.execute(
-            "SELECT s.*, (SELECT MAX(created) FROM messages WHERE space = s.id) AS last "
+            "SELECT s.*, (SELECT MAX(created) FROM messages WHERE space = s.id) AS last, "
+            "(SELECT json_group_array(server) FROM space_tools WHERE space = s.id) AS mcp "
             "FROM spaces s WHERE ? IS NULL OR team = ?",
             (team, team),
         ).fetchall()
@@ -271,7 +278,25 @@ class Store:
             "created": row["created"],
             "created_by": row["created_by"],
             "last_activity": row["last"] or row["created"],
+            "mcp": sorted(json.loads(row["mcp"])),  # the MCP servers whose tools its answers may use
         }
+
+    def update_space(
+        self, space: str, title: str | None = None, mcp: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Renames a Space or sets the MCP servers it enables, as one change."""
+        with self._transaction():
+            if title is not None:
+                self.db.execute("UPDATE spaces SET title = ? WHERE id = ?", (title, space))
+            if mcp is not None:
+                self.db.execute("DELETE FROM space_tools WHERE space = ?", (space,))
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO space_tools VALUES (?, ?)", [(space, label) for label in mcp]
+                )
+            self._changed(space, "space", 0)
+        found = self.space(space)
+        assert found is not None
+        return found
 
     # ---- messages -------------------------------------------------------------------------------
 

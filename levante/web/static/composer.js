@@ -1,4 +1,4 @@
-// The message composer: textarea with @-mention popup, image attachments, send.
+// The message composer: textarea with a popup completing @model and /tool names, image attachments, send.
 import { h, avatar, alertBox, showAlert } from "./dom.js";
 
 const readDataURL = (file) =>
@@ -9,10 +9,15 @@ const readDataURL = (file) =>
     reader.readAsDataURL(file);
   });
 
+const WRENCH = "M14.7 6.3a4 4 0 00-5.3 5.3L4 17l3 3 5.4-5.4a4 4 0 005.3-5.3l-2.6 2.6-2.4-.6-.6-2.4z";
+
 /** onSend({content, images}) must throw on failure: the draft then stays for another try. */
 export function createComposer({ modelName, onSend }) {
   let images = []; // data: URLs waiting to be sent
+  let tools = []; // [{name, hint}]: the tools `/name` can make the model call first
   let mentionDismissed = false; // Escape hides the popup until the next keystroke
+  let choices = []; // what the popup offers now: [{text, label, hint, model}]
+  let selected = 0;
 
   const textarea = h("textarea", {
     class: "composer-input", "data-testid": "composer", rows: 1, "aria-label": "Message",
@@ -21,12 +26,7 @@ export function createComposer({ modelName, onSend }) {
   const fileInput = h("input", { type: "file", accept: "image/*", multiple: true, hidden: true, "data-testid": "image-input" });
   const thumbs = h("div", { class: "thumbs", hidden: true });
   const error = alertBox("composer-error");
-  const option = h("button", {
-    type: "button", class: "mention-option", role: "option", "aria-selected": "true", "data-testid": "mention-option",
-    onmousedown: (e) => e.preventDefault(), // keep the caret in the textarea
-    onclick: () => acceptMention(),
-  }, avatar(modelName, true), h("span", { class: "mention-name" }, "@" + modelName), h("span", { class: "mention-hint" }, "model · Tab"));
-  const popup = h("div", { class: "mention-popup", role: "listbox", "data-testid": "mention-popup", hidden: true }, option);
+  const popup = h("div", { class: "mention-popup", role: "listbox", "data-testid": "mention-popup", hidden: true });
   const send = h("button", { type: "submit", class: "btn btn-primary send", "data-testid": "send", "aria-label": "Send" }, "Send");
   const attach = h("button", {
     type: "button", class: "btn btn-icon", title: "Attach images", "aria-label": "Attach images",
@@ -39,20 +39,37 @@ export function createComposer({ modelName, onSend }) {
     h("p", { class: "composer-hint" }, "Enter to send · Shift+Enter for a new line · paste or drop images"),
     fileInput);
 
-  // The @query right before the caret, if it could still become the model's name.
-  function mentionQuery() {
+  // The @name or /tool being typed right before the caret, and what it could still become.
+  function completions() {
     const before = textarea.value.slice(0, textarea.selectionStart);
-    const m = /(?:^|\s)@([^\s@]*)$/.exec(before);
-    return m && modelName.toLowerCase().startsWith(m[1].toLowerCase()) ? m[1] : null;
+    const m = /(?:^|\s)([@/])([^\s@/]*)$/.exec(before);
+    if (!m) return { query: "", found: [] };
+    const query = m[2].toLowerCase();
+    const found = m[1] === "@"
+      ? (modelName.toLowerCase().startsWith(query) ? [{ text: `@${modelName}`, label: `@${modelName}`, hint: "model · Tab", model: true }] : [])
+      : tools.filter((t) => t.name.toLowerCase().includes(query)).slice(0, 8)
+        .map((t) => ({ text: `/${t.name}`, label: `/${t.name}`, hint: t.hint }));
+    return { query: m[1] + m[2], found };
   }
 
   const popupOpen = () => !popup.hidden;
-  const updatePopup = () => { popup.hidden = mentionDismissed || mentionQuery() === null; };
+  function updatePopup() {
+    const { found } = completions();
+    if (found.map((c) => c.text).join() !== choices.map((c) => c.text).join()) selected = 0;
+    choices = found;
+    popup.hidden = mentionDismissed || choices.length === 0;
+    popup.replaceChildren(...choices.map((c, i) => h("button", {
+      type: "button", class: "mention-option", role: "option", "aria-selected": String(i === selected), "data-testid": "mention-option",
+      onmousedown: (e) => e.preventDefault(), // keep the caret in the textarea
+      onclick: () => { selected = i; accept(); },
+    }, c.model ? avatar(modelName, true) : h("span", { class: "tool-mark" }, icon(WRENCH)),
+    h("span", { class: "mention-name" }, c.label), h("span", { class: "mention-hint" }, c.hint))));
+  }
 
-  function acceptMention() {
-    const query = mentionQuery() ?? "";
+  function accept() {
+    const { query } = completions();
     const end = textarea.selectionStart;
-    textarea.setRangeText(`@${modelName} `, end - query.length - 1, end, "end");
+    textarea.setRangeText(`${choices[selected].text} `, end - query.length, end, "end");
     popup.hidden = true;
     textarea.focus();
   }
@@ -103,7 +120,11 @@ export function createComposer({ modelName, onSend }) {
     if (e.isComposing) return;
     if (popupOpen() && (e.key === "Tab" || e.key === "Enter")) {
       e.preventDefault();
-      acceptMention();
+      accept();
+    } else if (popupOpen() && (e.key === "ArrowDown" || e.key === "ArrowUp")) {
+      e.preventDefault();
+      selected = (selected + (e.key === "ArrowDown" ? 1 : choices.length - 1)) % choices.length;
+      updatePopup();
     } else if (popupOpen() && e.key === "Escape") {
       mentionDismissed = true;
       popup.hidden = true;
@@ -112,7 +133,9 @@ export function createComposer({ modelName, onSend }) {
       submit();
     }
   });
-  textarea.addEventListener("keyup", (e) => { if (e.key.startsWith("Arrow")) updatePopup(); });
+  textarea.addEventListener("keyup", (e) => {
+    if (e.key === "ArrowLeft" || e.key === "ArrowRight" || (e.key.startsWith("Arrow") && !popupOpen())) updatePopup();
+  });
   textarea.addEventListener("paste", (e) => {
     const files = [...(e.clipboardData?.items ?? [])].filter((i) => i.kind === "file").map((i) => i.getAsFile());
     if (files.some((f) => f?.type.startsWith("image/"))) {
@@ -132,6 +155,8 @@ export function createComposer({ modelName, onSend }) {
   return {
     el: form,
     setText(text) { textarea.value = text; textarea.focus(); },
+    /** The tools `/name` completes: [{name, hint}]. */
+    setTools(list) { tools = list; if (popupOpen()) updatePopup(); },
   };
 }
 

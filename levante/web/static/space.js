@@ -1,4 +1,5 @@
-// One open Space: the live thread, the composer, the Space's memory and the credits pool.
+// One open Space: the live thread (with the model's tool calls), the composer, the Space's memory,
+// the MCP servers it enables and the credits pool.
 import { h, api, money, count, timeLabel, avatar, alertBox, showAlert } from "./dom.js";
 import { localImage, renderMarkdown } from "./markdown.js";
 import { createComposer, icon } from "./composer.js";
@@ -13,6 +14,9 @@ export function mountSpace(root, ctx, id) {
   const notes = new Map();
   const noteNodes = new Map();
   const editing = new Set(); // note ids with an open editor: live updates must not wipe the draft
+  const openCalls = new Set(); // tool calls whose details a member opened: re-renders keep them open
+  let space = null;
+  let servers = []; // the operator's MCP servers: [{label, state, error, tools}]
   let events = null;
   let retryTimer = null;
   let closed = false;
@@ -28,6 +32,9 @@ export function mountSpace(root, ctx, id) {
   const noteList = h("ul", { class: "notes" });
   const noteEmpty = h("p", { class: "muted small" }, "Nothing pinned yet. Notes here are shared with the model on every question in this Space.");
   const credits = creditsCard();
+  const toolList = h("ul", { class: "tool-servers", "data-testid": "mcp-servers" });
+  const toolNote = h("p", { class: "muted small" });
+  const toolError = alertBox();
 
   root.replaceChildren(h("div", { class: "space" },
     h("section", { class: "thread", "aria-label": "Thread" },
@@ -42,8 +49,13 @@ export function mountSpace(root, ctx, id) {
       actionError,
       h("div", { class: "thread-scroll" }, emptyThread, list),
       composer.el),
-    h("aside", { class: "panel", "aria-label": "Memory and credits" },
+    h("aside", { class: "panel", "aria-label": "Credits, tools and memory" },
       credits.el,
+      h("section", { class: "card", "data-testid": "tools-card" },
+        h("h2", {}, "Tools"),
+        toolNote,
+        toolList,
+        toolError),
       h("section", { class: "card" },
         h("h2", {}, "Memory"),
         noteEmpty,
@@ -56,8 +68,8 @@ export function mountSpace(root, ctx, id) {
 
   async function load() {
     const data = await api(base);
-    title.textContent = data.space.title;
-    document.title = `${data.space.title} · Levante`;
+    servers = data.mcp_servers;
+    renderSpace(data.space);
     data.messages.forEach(upsertMessage);
     for (const nid of notes.keys()) if (!data.notes.some((n) => n.id === nid)) removeNote(nid);
     data.notes.forEach(upsertNote);
@@ -90,6 +102,8 @@ export function mountSpace(root, ctx, id) {
     listen("note", upsertNote);
     listen("note_deleted", (d) => removeNote(d.id));
     listen("credits", credits.render);
+    listen("space", renderSpace);
+    listen("call", upsertCall);
   }
 
   function listen(type, handler) {
@@ -108,6 +122,53 @@ export function mountSpace(root, ctx, id) {
     sessionStorage.removeItem("levante.starter");
     const starter = (await ctx.modelInfo().catch(() => null))?.starters?.[Number(index)];
     if (starter && !closed) composer.setText(`@${ctx.me.model.name} ${starter.prompt}`);
+  }
+
+  // ---- the Space and its tools ------------------------------------------------------------------
+
+  function renderSpace(fresh) {
+    space = fresh;
+    title.textContent = space.title;
+    document.title = `${space.title} · Levante`;
+    const canCall = ctx.me.model.tools;
+    toolNote.textContent = !servers.length
+      ? "No MCP servers are configured on this server (levante serve --mcp-config)."
+      : canCall
+        ? "Servers this Space enables: @-mentions may use their tools. Type / to make the model call one first."
+        : `${ctx.me.model.name} has no tool-call format, so it cannot use these tools.`;
+    toolList.replaceChildren(...servers.map(renderServer));
+    const on = servers.filter((s) => space.mcp.includes(s.label));
+    composer.setTools(canCall ? on.flatMap((s) => s.tools.map((t) => ({
+      name: `${s.label}_${t.name}`.replace(/[^a-zA-Z0-9_-]/g, "_").slice(0, 64),
+      hint: s.label,
+    }))) : []);
+  }
+
+  function renderServer(server) {
+    const enabled = space.mcp.includes(server.label);
+    const box = h("input", {
+      type: "checkbox", class: "tool-toggle", "data-testid": "mcp-toggle", "data-label": server.label,
+      checked: enabled, "aria-label": `Enable ${server.label} in this Space`,
+      onchange: async () => {
+        box.disabled = true;
+        showAlert(toolError, "");
+        const mcp = box.checked ? [...space.mcp, server.label] : space.mcp.filter((l) => l !== server.label);
+        try {
+          renderSpace(await api(base, "PATCH", { mcp }));
+        } catch (err) {
+          box.checked = enabled;
+          showAlert(toolError, err.message);
+        } finally {
+          box.disabled = false;
+        }
+      },
+    });
+    const names = server.tools.map((t) => t.name).join(", ") || "no tools listed";
+    return h("li", { class: "tool-server", "data-testid": "mcp-server", "data-label": server.label },
+      h("label", { class: "tool-server-head" }, box,
+        h("span", { class: "tool-server-name" }, server.label),
+        h("span", { class: `badge badge--${{ ready: "up", failed: "error" }[server.state] ?? "plain"}`, title: server.error ?? "" }, server.state)),
+      h("p", { class: "muted small tool-server-tools" }, names));
   }
 
   // ---- messages ---------------------------------------------------------------------------------
@@ -156,8 +217,40 @@ export function mountSpace(root, ctx, id) {
     if (stick) scrollToEnd();
   }
 
+  // A tool call starting or ending while the answer streams.
+  function upsertCall({ id: mid, call }) {
+    const msg = messages.get(mid);
+    if (!msg) return;
+    const calls = msg.tool_calls ?? [];
+    const at = calls.findIndex((c) => c.id === call.id);
+    msg.tool_calls = at < 0 ? [...calls, call] : calls.map((c, i) => (i === at ? call : c));
+    upsertMessage(msg);
+  }
+
+  function renderCall(call) {
+    const status = { in_progress: "running…", completed: "done", failed: "failed" }[call.status] ?? call.status;
+    const took = call.duration != null ? ` · ${call.duration.toFixed(2)} s` : "";
+    let args = call.arguments;
+    try { args = JSON.stringify(JSON.parse(call.arguments), null, 2); } catch { /* shown as sent */ }
+    const pictures = (call.images ?? []).filter((u) => u.startsWith("data:image/"));
+    return h("details", {
+      class: `tool-call tool-call--${call.status}`, "data-testid": "tool-call", "data-status": call.status,
+      open: openCalls.has(call.id),
+      ontoggle: (e) => (e.target.open ? openCalls.add(call.id) : openCalls.delete(call.id)),
+    },
+    h("summary", {},
+      h("span", { class: "tool-call-name", "data-testid": "tool-call-name" }, `${call.server_label} · ${call.name}`),
+      h("span", { class: "tool-call-status" }, status + took)),
+    h("p", { class: "tool-call-label" }, "Arguments"),
+    h("pre", { class: "tool-call-text", "data-testid": "tool-call-arguments" }, args),
+    call.status === "in_progress" ? null : h("p", { class: "tool-call-label" }, call.error != null ? "Error" : "Result"),
+    call.status === "in_progress" ? null : h("pre", { class: "tool-call-text", "data-testid": "tool-call-result" }, call.error ?? call.output ?? ""),
+    pictures.length ? h("div", { class: "msg-images" }, pictures.map((src) => h("img", { src, alt: "Image the tool returned" }))) : null);
+  }
+
   function renderMessage(msg) {
     const isAnswer = msg.role === "assistant";
+    const calls = (msg.tool_calls ?? []).filter((c) => c.type === "mcp_call");
     const body = h("div", { class: "md", "data-testid": "message-body" });
     body.innerHTML = renderMarkdown(msg.content);
     const images = (msg.images ?? []).filter(localImage);
@@ -171,6 +264,7 @@ export function mountSpace(root, ctx, id) {
         h("span", { class: "msg-author", "data-testid": "message-author" }, msg.author),
         h("time", { datetime: new Date(msg.created * 1000).toISOString(), title: new Date(msg.created * 1000).toLocaleString() }, timeLabel(msg.created)),
         statusBadge(msg.status)),
+      calls.length ? h("div", { class: "tool-calls" }, calls.map(renderCall)) : null,
       body,
       images.length ? h("div", { class: "msg-images" }, images.map((src) =>
         h("a", { href: src, target: "_blank", rel: "noopener noreferrer" }, h("img", { src, alt: "Attached image", loading: "lazy" })))) : null,
@@ -190,7 +284,7 @@ export function mountSpace(root, ctx, id) {
       const { prompt_tokens: inTok, completion_tokens: outTok, cost } = msg.usage;
       parts.push(`${count(inTok + outTok)} tokens`, money(cost));
     } else if (msg.status === "streaming") parts.push("streaming…");
-    const tools = (msg.tool_calls ?? []).map((t) => t.name);
+    const tools = (msg.tool_calls ?? []).filter((c) => c.type !== "mcp_call").map((t) => t.name);
     if (tools.length) parts.push(`used ${tools.join(", ")}`);
     const action = msg.status === "streaming"
       ? h("button", { type: "button", class: "btn btn-small", "data-testid": "stop", onclick: () => act(msg.id, "stop") }, "■ Stop")
