@@ -126,7 +126,7 @@ def served(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--tool-timeout",
         "4",
         "--space-max-tokens",
-        "40",
+        "200",
     ]
     server = ServerProcess(args, home / "server.log")
     try:
@@ -454,6 +454,13 @@ def test_the_openai_agents_sdk_drives_it(served: Served) -> None:
     assert calls and calls[0].error is None and " = " in calls[0].output  # the server ran it, the SDK saw it
 
 
+def ask(member: Member, text: str) -> Any:
+    """Sends `text`; the answer it starts (not the last one before it)."""
+    before = member.messages("assistant").count()
+    member.send(text)
+    return member.messages("assistant").nth(before)
+
+
 def test_a_space_uses_the_mcp_servers_it_enables(served: Served, browser: Browser) -> None:
     """A member enables the configured MCP server in a Space (another member sees it live);
     `/tools_add` in a mention makes the model call that tool first, and every member sees the call
@@ -476,7 +483,7 @@ def test_a_space_uses_the_mcp_servers_it_enables(served: Served, browser: Browse
     assert composer.input_value() == "@tiny /tools_add "
     composer.press_sequentially("two and three")
     composer.press("Enter")
-    answer = ben.messages("assistant").last
+    answer = ben.messages("assistant").nth(0)
     expect(answer).to_have_attribute("data-status", "done", timeout=60_000)
     call = answer.locator("[data-testid=tool-call]").first
     expect(call).to_have_attribute("data-status", "completed")
@@ -510,10 +517,21 @@ def test_a_space_uses_the_mcp_servers_it_enables(served: Served, browser: Browse
         and f"`tools.add({stored['tool_calls'][0]['arguments']})` — completed" in markdown.decode()
     )
 
+    noted = ask(ana, "@tiny /remember that we ship on Friday")  # answered in the loop, then on
+    expect(noted).to_have_attribute("data-status", "done", timeout=60_000)
+    expect(noted.locator("[data-testid=message-meta]")).to_contain_text("used remember")
+    (note,) = api(url, f"/web/api/spaces/{space}", served.key)[1]["notes"]
+    assert note["status"] == "proposed" and note["author"] == "tiny" and 0 < len(note["text"]) <= 200
+    expect(ben.page.locator("[data-testid=note][data-status=proposed]")).to_have_count(1)
+    with sqlite3.connect(served.db) as conn:  # the note's round, then the answer reading "proposed…"
+        assert (
+            conn.execute("SELECT COUNT(*) FROM requests WHERE endpoint = 'space'").fetchone()[0]
+            >= rounds[2] + 2
+        )
+
     marker = served.home / "cancelled"
     marker.unlink(missing_ok=True)
-    ana.send("@tiny /tools_hang please")
-    hanging = ana.messages("assistant").last
+    hanging = ask(ana, "@tiny /tools_hang please")
     expect(hanging.locator("[data-testid=tool-call]")).to_have_attribute("data-status", "in_progress")
     hanging.locator("[data-testid=stop]").click()
     expect(hanging).to_have_attribute("data-status", "stopped")
@@ -531,8 +549,9 @@ def test_a_space_uses_the_mcp_servers_it_enables(served: Served, browser: Browse
     composer.press_sequentially("@tiny /tools_a")
     expect(ana.page.locator("[data-testid=mention-popup]")).to_be_hidden()
     composer.press_sequentially("dd 4 and 5")
+    before = ana.messages("assistant").count()
     composer.press("Enter")
-    last = ana.messages("assistant").last
+    last = ana.messages("assistant").nth(before)
     expect(last).to_have_attribute("data-status", "done", timeout=60_000)
     expect(last.locator("[data-testid=tool-call]")).to_have_count(0)
     ana.close()

@@ -29,6 +29,7 @@ from test_metering import levante, new_key
 
 from levante.api.responses_api import to_messages
 from levante.web.answers import Answers, forced_tool, mentions, thread_items
+from levante.web.events import Hub
 from levante.web.store import Store
 
 MODEL = "smollm2"
@@ -398,13 +399,13 @@ def test_bad_input_is_named(team: Team) -> None:
     for path, body, param in cases:
         status, err = api(url, path, ana, body)
         assert 400 <= status < 500 and err["error"]["param"] == param, (path, body, status, err)
-    edits = [({"mcp": ["nowhere"]}, "mcp[0]"), ({"title": "  "}, "title"), ({"colour": "red"}, "colour")]
+    edits = [({"enable": ["nowhere"]}, "enable[0]"), ({"title": "  "}, "title"), ({"mcp": ["x"]}, "mcp")]
     for body, param in edits:
         status, err = api(url, f"/web/api/spaces/{sid}", ana, body, "PATCH")
         assert status == 400 and err["error"]["param"] == param, (body, status, err)
     assert (
         "configured: none"
-        in api(url, f"/web/api/spaces/{sid}", ana, {"mcp": ["x"]}, "PATCH")[1]["error"]["message"]
+        in api(url, f"/web/api/spaces/{sid}", ana, {"enable": ["x"]}, "PATCH")[1]["error"]["message"]
     )
     assert api(url, f"/web/api/spaces/{sid}", team.keys["zed"], {"title": "mine"}, "PATCH")[0] == 404
     status, renamed = api(url, f"/web/api/spaces/{sid}", ana, {"title": " Inputs, renamed "}, "PATCH")
@@ -604,12 +605,11 @@ def test_mentions_turns_and_proposals(tmp_path: Path) -> None:
 
     store = Store(tmp_path / "spaces.db")
     space = store.create_space("t", "Space", "Ana")["id"]
-    answers = Answers(None, store, None, None, None)  # type: ignore[arg-type]
+    answers = Answers(None, store, Hub(), None, None)  # type: ignore[arg-type]
     state = type("State", (), {"model_name": "m"})()
-    answers.propose(state, space, {"name": "remember", "arguments": '{"note": " Ships Friday. "}'})
+    assert "member will confirm" in answers.propose(state, space, '{"note": " Ships Friday. "}')
     for bad in ('{"note": ""}', "not json", "[1]", '{"other": 1}'):
-        answers.propose(state, space, {"name": "remember", "arguments": bad})
-    answers.propose(state, space, {"name": "other_tool", "arguments": '{"note": "x"}'})
+        assert answers.propose(state, space, bad).startswith("error: ")  # what the model reads back
     assert [(n["text"], n["author"], n["status"]) for n in store.notes(space)] == [
         ("Ships Friday.", "m", "proposed")
     ]

@@ -19,7 +19,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -239,6 +239,9 @@ class Run:
     inputs: list[dict[str, Any]]
     endpoint: str = "responses"  # the ledger's name for where the rounds came from
     forced_rounds: int | None = None  # rounds a named/required tool_choice binds (None: all), then auto
+    # functions the server answers itself (a Space's `remember`): arguments → what the model reads;
+    # their calls are answered in the loop, not handed back
+    local: dict[str, Callable[[str], str]] = field(default_factory=dict)
     output: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=lambda: {"input": 0, "cached": 0, "output": 0})
     sequence: int = 0
@@ -471,7 +474,8 @@ class Responder:
             async for event in self._dispatch(run, calls, offered, cut):
                 yield event
             handed_back = any(  # calls the client answers: its own functions, approvals
-                offered.get(c["name"]) is None or offered[c["name"]].approval for c in calls.values()
+                c["name"] not in run.local and (offered.get(c["name"]) is None or offered[c["name"]].approval)
+                for c in calls.values()
             )
             if not calls or handed_back or cut:  # an answer, the client's turn, or out of tokens
                 reason = "max_output_tokens" if cut else None
@@ -569,6 +573,12 @@ class Responder:
                     "name": call["name"],
                 }
                 item.update(arguments=call["arguments"], status="completed")
+                if call["name"] in run.local:  # answered here; the model reads the answer next round
+                    for event in self._item(run, item, None, ()):
+                        yield event
+                    output = run.local[call["name"]](call["arguments"])
+                    item = {"type": "function_call_output", "id": new_id("fco"), "call_id": call["id"]}
+                    item["output"] = output
             elif mcp.approval:
                 item = {"type": "mcp_approval_request", "id": new_id("mcpr"), "server_label": mcp.label}
                 item.update(name=mcp.tool, arguments=call["arguments"], call_id=call["id"])

@@ -51,8 +51,11 @@ REMEMBER = FunctionTool(
     ),
     parameters={
         "type": "object",
-        "properties": {"note": {"type": "string", "description": "the note, one or two sentences"}},
+        "properties": {
+            "note": {"type": "string", "maxLength": 200, "description": "the note, one or two sentences"}
+        },
         "required": ["note"],
+        "additionalProperties": False,
     },
 )
 FINISHED = ("completed", "failed")  # a tool call's states once it has its result (or error)
@@ -228,8 +231,9 @@ class Answers:
             return thread_items(thread, images)
         low, high = 1, len(thread) - 1  # the fewest drops that fit lie in [low, high], if any does
         if not await fits(high):
+            tools = ", the tools' descriptions" if specs else ""
             raise bad_request(
-                f"the message and the Space's memory need more than the {budget} tokens (or "
+                f"the message, the Space's memory{tools} need more than the {budget} tokens (or "
                 f"{most_images} images) a Space answer may read; shorten the message or the memory",
                 "content",
                 "context_length_exceeded",
@@ -270,12 +274,14 @@ class Answers:
         )
         offered = self.server.responder.offered(request)
         items = await self.prompt(state, instructions, thread, tool_specs(request, offered))
-        first = forced_tool(thread[-1]["content"], list(offered))
+        first = forced_tool(thread[-1]["content"], [*offered, *(["remember"] if tools else [])])
         choice = NamedFunction(type="function", name=first) if first else "auto"
         # `/tool` asks for one call of it: the answer's rounds then make one call each
         update = {"input": items, "tool_choice": choice, "parallel_tool_calls": first is None}
         run, offered = self.server.responder.begin(request.model_copy(update=update), None)
         run.endpoint, run.forced_rounds = "space", 1
+        if tools:
+            run.local["remember"] = lambda arguments: self.propose(state, space["id"], arguments)
         return Pending(run, offered, caller)
 
     def run(self, state: State, pending: Pending, answer: dict[str, Any], asker: str) -> None:
@@ -306,7 +312,7 @@ class Answers:
             nonlocal length
             self.hub.publish(space, "delta", {"id": mid, "offset": length, "text": delta})
             text.append(delta)
-            length += len(delta)
+            length += len(delta.encode("utf-16-le")) // 2  # as the page counts: UTF-16 code units
 
         try:
             async for event in events:
@@ -320,7 +326,7 @@ class Answers:
                         calls.append(item)
                     self.hub.publish(space, "call", {"id": mid, "call": item})
                 elif kind == "response.output_item.done" and item["type"] == "function_call":
-                    proposals.append(item)
+                    proposals.append(item)  # `remember`, already proposed: shown under the answer
                 elif kind in ("response.failed", "response.incomplete"):
                     body = event["response"]
                     reason = (body["incomplete_details"] or {}).get("reason")
@@ -344,25 +350,29 @@ class Answers:
         cost = self.server.config.prices.cost(u["input"], u["cached"], u["output"])
         usage = {"prompt_tokens": u["input"], "completion_tokens": u["output"], "cost": cost}
         latency = time.monotonic() - started
+        try:  # the answer's row is settled first: a failing write below cannot leave it streaming
+            self.store.update_answer(
+                mid,
+                content="".join(text),
+                status=status,
+                error=error,
+                usage=usage,
+                tool_calls=[*calls, *proposals],
+            )
+        finally:
+            self.hub.notify(space)
         self.store.charge(run.id, space, mid, asker, {**usage, "latency": latency})
-        for call in proposals:
-            self.propose(state, space, call)
-        self.store.update_answer(
-            mid,
-            content="".join(text),
-            status=status,
-            error=error,
-            usage=usage,
-            tool_calls=[*calls, *proposals],
-        )
-        self.hub.notify(space)
         self.hub.publish(space, "credits", self.credits(space))
 
-    def propose(self, state: State, space: str, call: dict[str, Any]) -> None:
-        """A `remember` call becomes a proposed note that a member confirms or dismisses."""
+    def propose(self, state: State, space: str, arguments: str) -> str:
+        """A `remember` call becomes a proposed note that a member confirms or dismisses; returns
+        what the model reads back."""
         try:
-            note = json.loads(call["arguments"]).get("note", "").strip()
+            note = json.loads(arguments).get("note", "").strip()
         except (json.JSONDecodeError, AttributeError):
             note = ""
-        if call["name"] == "remember" and note:
-            self.store.add_note(space, note, state.model_name, "proposed")
+        if not note:
+            return "error: give the note to remember in `note`"
+        self.store.add_note(space, note, state.model_name, "proposed")
+        self.hub.notify(space)
+        return "Proposed for the Space's memory; a member will confirm or dismiss it."

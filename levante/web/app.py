@@ -69,7 +69,9 @@ class NewSpace(Authored):
 
 class SpaceEdit(_Body):
     title: str | None = Field(default=None, min_length=1, max_length=200)
-    mcp: list[str] | None = Field(default=None, max_length=64)  # labels of the operator's MCP servers
+    # labels of the operator's MCP servers whose tools the Space's answers may use, or no longer
+    enable: list[str] = Field(default_factory=list, max_length=64)
+    disable: list[str] = Field(default_factory=list, max_length=64)
 
 
 class Post(Authored):
@@ -360,19 +362,21 @@ def install(app: FastAPI, server: Server, config: WebConfig) -> None:
 
     @app.patch("/web/api/spaces/{space_id}")
     async def edit_space(space_id: str, body: SpaceEdit, request: Request) -> dict[str, Any]:
-        """Renames the Space or sets the MCP servers whose tools its answers may use (any of the
-        operator's, by label; every member of the team sees the change live)."""
+        """Renames the Space, or enables or disables MCP servers for its answers (any of the
+        operator's, by label; merged into what the Space has, so two members' changes never undo
+        each other). Every member of the team sees the change live."""
         visible(member(request), space_id)
         title = body.title.strip() if body.title is not None else None
         if title == "":
             raise bad_request("title: give the Space a name", "title")
         configured = server.mcp.names() if server.mcp is not None else []
-        for i, label in enumerate(body.mcp or ()):
+        for i, label in enumerate(body.enable):
             if label not in configured:
                 known = ", ".join(configured) or "none (start the server with --mcp-config)"
-                raise bad_request(f"mcp[{i}]: no MCP server {label!r}; configured: {known}", f"mcp[{i}]")
-        mcp = sorted(set(body.mcp)) if body.mcp is not None else None
-        space = store.update_space(space_id, title=title, mcp=mcp)
+                raise bad_request(
+                    f"enable[{i}]: no MCP server {label!r}; configured: {known}", f"enable[{i}]"
+                )
+        space = store.update_space(space_id, title=title, enable=body.enable, disable=body.disable)
         hub.notify(space_id)
         return space
 

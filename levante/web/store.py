@@ -16,7 +16,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,17 +282,18 @@ class Store:
         }
 
     def update_space(
-        self, space: str, title: str | None = None, mcp: list[str] | None = None
+        self, space: str, title: str | None = None, enable: Sequence[str] = (), disable: Sequence[str] = ()
     ) -> dict[str, Any]:
-        """Renames a Space or sets the MCP servers it enables, as one change."""
+        """Renames a Space, enables and disables MCP servers for it, as one change."""
         with self._transaction():
             if title is not None:
                 self.db.execute("UPDATE spaces SET title = ? WHERE id = ?", (title, space))
-            if mcp is not None:
-                self.db.execute("DELETE FROM space_tools WHERE space = ?", (space,))
-                self.db.executemany(
-                    "INSERT OR IGNORE INTO space_tools VALUES (?, ?)", [(space, label) for label in mcp]
-                )
+            self.db.executemany(
+                "INSERT OR IGNORE INTO space_tools VALUES (?, ?)", [(space, s) for s in enable]
+            )
+            self.db.executemany(
+                "DELETE FROM space_tools WHERE space = ? AND server = ?", [(space, s) for s in disable]
+            )
             self._changed(space, "space", 0)
         found = self.space(space)
         assert found is not None

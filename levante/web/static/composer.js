@@ -67,10 +67,11 @@ export function createComposer({ modelName, onSend }) {
   }
 
   function accept() {
-    const { query } = completions();
-    const end = textarea.selectionStart;
-    textarea.setRangeText(`${choices[selected].text} `, end - query.length, end, "end");
+    const { query, found } = completions();
     popup.hidden = true;
+    if (!found.length) return;
+    const end = textarea.selectionStart;
+    textarea.setRangeText(`${found[Math.min(selected, found.length - 1)].text} `, end - query.length, end, "end");
     textarea.focus();
   }
 
@@ -118,6 +119,7 @@ export function createComposer({ modelName, onSend }) {
   textarea.addEventListener("blur", () => { popup.hidden = true; });
   textarea.addEventListener("keydown", (e) => {
     if (e.isComposing) return;
+    if (popupOpen()) updatePopup(); // what it offers must match the text at the caret now
     if (popupOpen() && (e.key === "Tab" || e.key === "Enter")) {
       e.preventDefault();
       accept();
@@ -134,7 +136,8 @@ export function createComposer({ modelName, onSend }) {
     }
   });
   textarea.addEventListener("keyup", (e) => {
-    if (e.key === "ArrowLeft" || e.key === "ArrowRight" || (e.key.startsWith("Arrow") && !popupOpen())) updatePopup();
+    // the caret may have moved (arrows, Home, End…); Up and Down move within an open popup instead
+    if (!(popupOpen() && (e.key === "ArrowUp" || e.key === "ArrowDown"))) updatePopup();
   });
   textarea.addEventListener("paste", (e) => {
     const files = [...(e.clipboardData?.items ?? [])].filter((i) => i.kind === "file").map((i) => i.getAsFile());

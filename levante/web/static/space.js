@@ -152,9 +152,8 @@ export function mountSpace(root, ctx, id) {
       onchange: async () => {
         box.disabled = true;
         showAlert(toolError, "");
-        const mcp = box.checked ? [...space.mcp, server.label] : space.mcp.filter((l) => l !== server.label);
-        try {
-          renderSpace(await api(base, "PATCH", { mcp }));
+        try { // one label at a time, merged by the server: members' changes never undo each other
+          renderSpace(await api(base, "PATCH", box.checked ? { enable: [server.label] } : { disable: [server.label] }));
         } catch (err) {
           box.checked = enabled;
           showAlert(toolError, err.message);
