@@ -151,27 +151,27 @@ def test_scoring_a_message_maps_tool_names_back_and_handles_irrelevance() -> Non
     assert tool_names(simple.data["functions"]) == {"kitchen_boil_water": "kitchen.boil_water"}
 
     right = suite.score(simple, message(("kitchen_boil_water", '{"volume": 1.5}')))
-    assert right.scores == {"correct": 1.0}
+    assert right.scores == {"correct": 1.0, "simple_python": 1.0}  # the category's own: its n
     assert right.answer["calls"] == [{"kitchen.boil_water": {"volume": 1.5}}]
     wrong = suite.score(simple, message(("kitchen_boil_water", '{"volume": 2}')))
-    assert wrong.scores == {"correct": 0.0} and "volume=2 is not among" in wrong.info["error"]
+    assert wrong.scores["correct"] == 0.0 and "volume=2 is not among" in wrong.info["error"]
     cut = suite.score(simple, message(("kitchen_boil_water", '{"volume": 1.')))
-    assert cut.scores == {"correct": 0.0} and "undecodable" in cut.info["error"]
-    assert suite.score(simple, message(content="Boiling now.")).scores == {"correct": 0.0}
+    assert cut.scores["correct"] == 0.0 and "undecodable" in cut.info["error"]
+    assert suite.score(simple, message(content="Boiling now.")).scores["correct"] == 0.0
 
-    assert suite.score(irrelevant, message(content="Michelangelo.")).scores == {"correct": 1.0}
+    assert suite.score(irrelevant, message(content="Michelangelo.")).scores["correct"] == 1.0
     called = message(("tide_table", '{"harbour": "Rome", "date": "1508-05-10"}'))
     assert suite.score(irrelevant, called).info["error"] == "called ['tide_table'] where no function fits"
-    assert suite.score(items["live_relevance"], message(content="Sure!")).scores == {"correct": 0.0}
+    assert suite.score(items["live_relevance"], message(content="Sure!")).scores["correct"] == 0.0
     toast = message(("kitchen_toast", '{"slices": 1}'))
-    assert suite.score(items["live_relevance"], toast).scores == {"correct": 1.0}
+    assert suite.score(items["live_relevance"], toast).scores["correct"] == 1.0
 
     nested = items["live_simple"]  # a list of dicts and a dict, matched per key
     args = {
         "items": [{"name": "Croissants", "count": 3}, {"name": "baguette", "count": 1}],
         "pickup": {"time": "08:30", "name": "ana"},
     }
-    assert suite.score(nested, message(("Bakery_order", json.dumps(args)))).scores == {"correct": 1.0}
+    assert suite.score(nested, message(("Bakery_order", json.dumps(args)))).scores["correct"] == 1.0
 
 
 def test_summary_per_category_and_overall() -> None:

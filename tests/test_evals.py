@@ -26,7 +26,6 @@ from levante.evals.vision import anls, final_answer, relaxed_correct
 
 CLI = [sys.executable, "-m", "levante.cli", "eval"]
 NEED_TINY = ("docvqa", "chartqa", "bfcl")  # images or tools: the demo model takes neither
-ON_DEMO = [s for s in SUITES if s not in NEED_TINY and s != "mmlu"]  # mmlu: in the resume test
 
 
 # ---- scorers ---------------------------------------------------------------------------------
@@ -234,7 +233,11 @@ def eval_cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedPro
     return done
 
 
-def check_outputs(out: Path, names: list[str], skipped: tuple[str, ...] = ()) -> dict[str, Any]:
+def check_outputs(
+    out: Path, names: list[str], skipped: tuple[str, ...] = (), refused: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Every suite ran clean (no failed item, every metric in the report with its interval and n),
+    was skipped, or — `refused`: suite → capability — was not applicable, with the endpoint's words."""
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["suites"]) == sorted(names)
     report = (out / "report.md").read_text()
@@ -243,48 +246,85 @@ def check_outputs(out: Path, names: list[str], skipped: tuple[str, ...] = ()) ->
         if name in skipped:
             assert suite["skipped"] and f"**{name}** skipped" in report
             continue
+        if name in (refused or {}):
+            assert suite["not_applicable"].startswith(f"the endpoint refuses {refused[name]}: 400 ")
+            assert f"**{name}** not applicable: the endpoint refuses {refused[name]}" in report
+            assert suite["records"] == [] and f"| {name} |" not in report  # no row of zeros
+            continue
         assert suite["failures"] == {} and suite["records"] and suite["metrics"], name
         for r in suite["records"]:
             assert r["prompt"] and r["answer"] is not None and r["scores"], (name, r["id"])
         for metric, value in suite["metrics"].items():
+            i = suite["intervals"][metric]
+            assert i["low"] <= value <= i["high"] and i["n"] >= 1, (name, metric, i)
             card = suite["card"].get(metric)
-            assert f"| {name} | {metric} | {value:.2f} | {'' if card is None else f'{card:.2f}'} |" in report
+            card_text = "" if card is None else f"{card:.2f}"
+            ci = f"{i['low']:.2f}–{i['high']:.2f} ({i['method']})"
+            assert (
+                f"| {name} | {metric} | {value:.2f} | {i['se']:.2f} | {ci} | {card_text} | {i['n']} |"
+                in report
+            )
     with Image.open(out / "report.png") as png:
         assert png.format == "PNG" and png.width > 100
     return results
 
 
-def test_every_text_suite_sample_runs_against_the_demo_server(demo: ServerProcess, tmp_path: Path) -> None:
+def test_every_suite_sample_runs_clean_against_the_demo_server(demo: ServerProcess, tmp_path: Path) -> None:
+    """What the demo model cannot take (tools, images) is not applicable, with the server's refusal."""
     out = tmp_path / "demo"
     server = ["--endpoint", demo.url, "--judge-endpoint", demo.url]
-    eval_cli(
-        *ON_DEMO, *server, "--sample", "--limit", "1", "--max-tokens", "8", "--samples", "1", "--out", out
-    )
-    results = check_outputs(out, ON_DEMO)
+    eval_cli("all", *server, "--sample", "--limit", "1", "--max-tokens", "8", "--samples", "1", "--out", out)
+    refused = {"bfcl": "tools", "docvqa": "images", "chartqa": "images"}
+    results = check_outputs(out, list(SUITES), refused=refused)
     assert results["suites"]["simpleqa"]["settings"]["judge"] == results["model"]
+    assert results["context"] == {"length": 2048, "source": "the endpoint's /v1/models", "uncounted": None}
+
+
+def test_a_suite_asking_more_than_the_context_is_fitted_to_it(tmp_path: Path) -> None:
+    """loops asks 8192 new tokens; our in-process demo with a 160-token context cuts each request
+    to what its prompt leaves (counted by /tokenize), so every item runs and the rates are reported."""
+    out = tmp_path / "short"
+    model = ["--max-model-len", "160", "--kv-cache-memory", "0.05"]
+    eval_cli("loops", "--sample", "--limit", "2", *model, "--out", out)
+    results = check_outputs(out, ["loops"])
+    suite = results["suites"]["loops"]
+    assert suite["fitted"] == 8 and results["context"]["length"] == 160  # 2 items x 4 conditions
+    assert all(info["completion_tokens"] <= 160 - 30 for r in suite["records"] for info in r["info"].values())
+    assert "max_tokens cut to the context on 8 requests" in (out / "report.md").read_text()
 
 
 def test_failed_items_are_reported_and_the_run_goes_on(demo: ServerProcess, tmp_path: Path) -> None:
-    """max_tokens beyond the demo server's 2048-token context: every loops request is a 400."""
+    """A temperature the server refuses: every gpqa request is a 400."""
     out = tmp_path / "failing"
-    args = ["loops", "--sample", "--limit", "2", "--endpoint", demo.url, "--max-tokens", "4000"]
+    args = ["gpqa", "--sample", "--limit", "2", "--endpoint", demo.url, "--temperature", "5"]
     done = eval_cli(*args, "--out", out)  # exits 0: failed items are results too
-    suite = json.loads((out / "results.json").read_text())["suites"]["loops"]
-    assert sorted(suite["failures"]) == ["stress/count", "stress/echo"] and suite["records"] == []
-    assert all("400" in error and "max_tokens" in error for error in suite["failures"].values())
+    suite = json.loads((out / "results.json").read_text())["suites"]["gpqa"]
+    assert len(suite["failures"]) == 2 and suite["records"] == []
+    assert all("400" in error and "temperature" in error for error in suite["failures"].values())
     assert "2 failed and left out of the scores" in (out / "report.md").read_text()
-    assert "loops item stress/echo failed" in done.stderr
+    assert f"gpqa item {sorted(suite['failures'])[0]} failed" in done.stderr
     assert (out / "cache.jsonl").read_text() == ""  # nothing cached, so a rerun tries them again
 
 
-def test_image_and_tool_suites_run_in_process_on_the_tiny_mistral(tiny_mistral: Path, tmp_path: Path) -> None:
-    """--model starts our server in this process; simpleqa without a judge is skipped, not failed;
-    --chat-only switches mmlu to its generative variant."""
-    names = [*NEED_TINY, "simpleqa", "mmlu"]
+def test_every_suite_sample_runs_in_process_on_the_tiny_mistral(tiny_mistral: Path, tmp_path: Path) -> None:
+    """--model starts our server in this process; tools and images too; simpleqa without a judge is
+    skipped, not failed; --chat-only switches mmlu to its generative variant."""
+    names = list(SUITES)
     out = tmp_path / "tiny"
     model = ["--model", tiny_mistral, "--dtype", "float32", "--kv-cache-memory", "0.05"]
     done = eval_cli(
-        *names, *model, "--sample", "--limit", "2", "--max-tokens", "8", "--chat-only", "--out", out
+        "all",
+        *model,
+        "--sample",
+        "--limit",
+        "1",
+        "--max-tokens",
+        "8",
+        "--samples",
+        "1",
+        "--chat-only",
+        "--out",
+        out,
     )
     results = check_outputs(out, names, skipped=("simpleqa",))
     assert results["suites"]["mmlu"]["settings"]["mode"] == "generative"

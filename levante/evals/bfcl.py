@@ -304,6 +304,9 @@ class BFCL(Suite):
         groups = [load_category(folder, category) for category in CATEGORIES]
         return [item for row in itertools.zip_longest(*groups) for item in row if item is not None]
 
+    def needs(self) -> tuple[str, ...]:
+        return ("tools",)
+
     def settings(self) -> dict[str, Any]:
         return greedy_params(self.options, 1024)
 
@@ -314,7 +317,7 @@ class BFCL(Suite):
         reply = await ask(endpoint, data["messages"], tools=tools(data["functions"]), **self.settings())
         if isinstance(reply, Refusal):
             info = {"category": data["category"], "error": reply.message}
-            return Record(item.id, data["messages"], None, {"correct": 0.0}, info)
+            return Record(item.id, data["messages"], None, {"correct": 0.0, data["category"]: 0.0}, info)
         return self.score(item, reply.choices[0].message)
 
     def score(self, item: Item, message: ChatCompletionMessage) -> Record:
@@ -335,7 +338,8 @@ class BFCL(Suite):
         else:
             error = error or check_calls(data["functions"], calls, data["ground_truth"])
         info = {"category": category} | ({"error": error} if error else {})
-        return Record(item.id, data["messages"], answer, {"correct": float(error is None)}, info)
+        scores = {"correct": float(error is None), category: float(error is None)}  # n per category
+        return Record(item.id, data["messages"], answer, scores, info)
 
     def summarize(self, records: list[Record]) -> dict[str, float]:
         """Accuracy per category, and `overall` as their unweighted mean (BFCL's own summary

@@ -157,6 +157,9 @@ class MMLU(ChoiceSuite):
             return {"mode": "generative", **super().settings()}
         return {"mode": "loglikelihood", "shots": self.shots}
 
+    def needs(self) -> tuple[str, ...]:
+        return () if self.options.chat_only else ("logprobs",)
+
     def prompt(self, item: Item) -> str:
         subject = item.data["subject"].replace("_", " ")
         header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"

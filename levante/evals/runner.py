@@ -28,6 +28,8 @@ class SuiteResult:
     failures: dict[str, str] = field(default_factory=dict)  # item id -> the error
     cached: int = 0  # records taken from the cache instead of run
     skipped: str | None = None
+    not_applicable: str | None = None  # the endpoint refused what the suite needs: its refusal
+    fitted: int = 0  # requests whose max_tokens was cut to the endpoint's context
 
 
 class Cache:
@@ -101,6 +103,15 @@ async def run_suite(
     if reason is not None:
         result.skipped = reason
         return result
+    endpoint = endpoint.view()
+    for capability in suite.needs():
+        try:
+            refusal = await endpoint.refuses(capability)
+        except Exception:  # the endpoint is down or broken: the items fail and say why
+            refusal = None
+        if refusal is not None:
+            result.not_applicable = f"the endpoint refuses {capability}: {refusal}"
+            return result
     keys = {item.id: item_key(suite, item, target, sample) for item in items}
     done = {item.id: r for item in items if (r := cache.get(keys[item.id])) is not None}
     result.cached = len(done)
@@ -119,6 +130,7 @@ async def run_suite(
             bar.update()
 
         await asyncio.gather(*(one(item) for item in items if item.id not in done))
+    result.fitted = endpoint.fitted
     result.records = [done[item.id] for item in items if item.id in done]
     result.metrics = suite.summarize(result.records) if result.records else {}
     return result

@@ -5,10 +5,11 @@ benchmark's own rules."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -46,18 +47,114 @@ class Record:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+NOOP_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "noop",
+        "description": "Does nothing.",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+REFUSALS = (400, 404, 405, 413, 422, 501)
+"""Statuses with which an endpoint says it does not do what a probe asked (tools, images, logprobs)."""
+
+
 @dataclass
 class Endpoint:
-    """The model under test behind the official OpenAI client (our server, vLLM, a hosted API)."""
+    """The model under test behind the official OpenAI client (our server, vLLM, a hosted API).
+
+    Knowing its context length (`max_model_len` in /v1/models, as vLLM and our server report it,
+    or --context-length), a chat request's max_tokens is cut to what the prompt leaves, the prompt
+    counted by the server's /tokenize (ours and vLLM's): a suite that asks for 8192 tokens runs on
+    a model with an 8192-token context instead of failing every item."""
 
     api: AsyncOpenAI
     model: str
+    context: int | None = None
+    fitted: int = 0  # requests whose max_tokens was cut to the context
+    probes: dict[str, str | None] = field(default_factory=dict)  # capability → refusal (shared by views)
+    uncountable: list[str] = field(default_factory=list)  # why prompts could not be counted, once seen
+
+    def view(self) -> Endpoint:
+        """The same endpoint with its own count of fitted requests (one per suite)."""
+        return replace(self, fitted=0)
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatCompletion:
+        if self.context is not None and params.get("max_tokens") and not self.uncountable:
+            params["max_tokens"] = await self._fit(messages, params.get("tools"), params["max_tokens"])
         return await self.api.chat.completions.create(model=self.model, messages=messages, **params)
 
     async def complete(self, prompt: str | list[str], **params: Any) -> Completion:
         return await self.api.completions.create(model=self.model, prompt=prompt, **params)
+
+    async def _fit(self, messages: list[dict[str, Any]], tools: Any, max_tokens: int) -> int:
+        """max_tokens, or what the context leaves after the prompt when that is less (a prompt that
+        fills the context is sent as asked: the endpoint's refusal then says why)."""
+        import openai
+
+        assert self.context is not None
+        root = str(self.api.base_url).rstrip("/").removesuffix("/v1")
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if tools:
+            body["tools"] = tools
+        try:
+            counted = await self.api.post(f"{root}/tokenize", body=body, cast_to=dict[str, Any])
+        except openai.APIStatusError as e:
+            if e.status_code in (404, 405, 501):  # no /tokenize here: stop asking
+                self.uncountable.append(f"{root}/tokenize: {e.status_code} {e.message}")
+            return max_tokens  # else this prompt could not be counted: the endpoint's answer will say why
+        room = self.context - int(counted["count"])
+        if 0 < room < max_tokens:
+            self.fitted += 1
+            return room
+        return max_tokens
+
+    async def refuses(self, capability: str) -> str | None:
+        """The endpoint's refusal of `capability` ("tools", "images", "logprobs") on a one-token
+        probe, or None when it takes it; asked once per endpoint."""
+        import openai
+
+        if capability not in self.probes:
+            try:
+                await self._probe(capability)
+                self.probes[capability] = None
+            except openai.APIStatusError as e:
+                if e.status_code not in REFUSALS:
+                    raise
+                self.probes[capability] = f"{e.status_code} {e.message}"
+            except NotApplicable as e:
+                self.probes[capability] = str(e)
+        return self.probes[capability]
+
+    async def _probe(self, capability: str) -> None:
+        hello = [{"role": "user", "content": "Hello"}]
+        ask = functools.partial(
+            self.api.chat.completions.create, model=self.model, max_tokens=1, temperature=0.0
+        )
+        if capability == "tools":
+            await ask(messages=hello, tools=[NOOP_TOOL])
+        elif capability == "images":
+            content = [
+                {"type": "image_url", "image_url": {"url": PROBE_IMAGE}},
+                {"type": "text", "text": "What is it?"},
+            ]
+            await ask(messages=[{"role": "user", "content": content}])
+        elif capability == "logprobs":
+            reply = await self.complete(["Hello"], max_tokens=0, echo=True, logprobs=0, temperature=0.0)
+            if not reply.choices or reply.choices[0].logprobs is None:
+                raise NotApplicable("it returned no log-probabilities of the prompt (echo with logprobs)")
+        else:
+            raise ValueError(f"unknown capability {capability!r}")
+
+
+class NotApplicable(Exception):
+    """The endpoint answered a probe without doing what it asked."""
+
+
+PROBE_IMAGE = (  # a 16×16 grey PNG
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGUlEQVR4nGNsaGhgIAUw"
+    "kaR6VMOohiGlAQDJTAGgLgFHggAAAABJRU5ErkJggg=="
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +185,11 @@ class Suite(ABC):
     def load(self, data_dir: Path | None, sample: bool) -> list[Item]:
         """The items: the bundled sample when `sample`, else the real dataset (from a package or
         `data_dir`); raises DataMissing naming the file when it is not there."""
+
+    def needs(self) -> tuple[str, ...]:
+        """What the endpoint must take ("tools", "images", "logprobs"); one that refuses it makes
+        this suite not applicable, reported with the refusal instead of scored as zeros."""
+        return ()
 
     def skip_reason(self) -> str | None:
         """Why this suite cannot run with these options (e.g. no judge endpoint), or None; the

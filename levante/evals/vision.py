@@ -133,6 +133,9 @@ class VisionSuite(Suite):
     def settings(self) -> dict[str, Any]:
         return self.sampling()
 
+    def needs(self) -> tuple[str, ...]:
+        return ("images",)
+
     async def ask(self, item: Item, endpoint: Endpoint) -> tuple[list[dict[str, Any]], str]:
         """Sends the image and question; returns the prompt as recorded (image by name) and the reply."""
         text = self.instruction(item.data["question"])
