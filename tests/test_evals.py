@@ -280,6 +280,18 @@ def test_every_suite_sample_runs_clean_against_the_demo_server(demo: ServerProce
     assert results["context"] == {"length": 2048, "source": "the endpoint's /v1/models", "uncounted": None}
 
 
+def test_the_judge_serves_every_endpoint_of_a_comparison(demo: ServerProcess, tmp_path: Path) -> None:
+    """One command, two endpoints, one judge: each run asks it through a client of its own."""
+    out = tmp_path / "judged"
+    args = ["simpleqa", "--sample", "--limit", "2", "--max-tokens", "8", "--judge-endpoint", demo.url]
+    eval_cli(*args, "--endpoint", demo.url, "--endpoint", f"{demo.url}/v1", "--out", out)
+    for run in ("endpoint-1", "endpoint-2"):
+        suite = json.loads((out / run / "results.json").read_text())["suites"]["simpleqa"]
+        assert suite["failures"] == {} and len(suite["records"]) == 2, suite["failures"]
+    (c,) = json.loads((out / "compare.json").read_text())["comparisons"]
+    assert c["suites"]["simpleqa"]["n"] == 2 and c["suites"]["simpleqa"]["metrics"]
+
+
 def test_a_suite_asking_more_than_the_context_is_fitted_to_it(tmp_path: Path) -> None:
     """loops asks 8192 new tokens; our in-process demo with a 160-token context cuts each request
     to what its prompt leaves (counted by /tokenize), so every item runs and the rates are reported."""

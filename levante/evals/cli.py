@@ -112,6 +112,17 @@ def endpoint(
     return Endpoint(api, name, context or reported)
 
 
+def reopened(e: Endpoint) -> Endpoint:
+    """The same endpoint through a new client (`copy()` would share the closed connection pool)."""
+    from openai import AsyncOpenAI
+
+    old = e.api
+    api = AsyncOpenAI(
+        base_url=old.base_url, api_key=old.api_key, timeout=old.timeout, max_retries=old.max_retries
+    )
+    return dataclasses.replace(e, api=api)
+
+
 @contextmanager
 def local_server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """Our server on a free loopback port, in this process; yields its base URL and model name."""
@@ -204,7 +215,11 @@ def run_once(
     """The suites' items against one endpoint (None: our server, in-process); the run's files in `out`."""
     from levante.evals import report
 
-    judge = options.judge
+    # an asyncio client serves the one event loop it first ran in (and `evaluate` closes it): each
+    # run asks the judge through a client of its own, and its suites carry that one
+    judge = None if options.judge is None else reopened(options.judge)
+    options = dataclasses.replace(options, judge=judge)
+    work = [(type(suite)(options), items) for suite, items in work]
     with target(args, url) as (base, model, label):
         api = endpoint(base, args.api_key, model, args.timeout, args.context_length if url else None)
         print(f"levante eval: {', '.join(s.name for s, _ in work)} on {api.model} at {base}", file=sys.stderr)

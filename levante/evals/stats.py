@@ -96,11 +96,19 @@ def mean_interval(values: Sequence[float]) -> Interval:
     return Interval(value, se, max(0.0, value - Z95 * se), min(100.0, value + Z95 * se), n, "normal")
 
 
+def _spread(draws: np.ndarray) -> tuple[float, float, float]:
+    """(2.5th percentile, 97.5th, standard deviation) of the defined draws; NaN when none is."""
+    draws = draws[~np.isnan(draws)]
+    if len(draws) < 2:
+        return math.nan, math.nan, math.nan
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return float(low), float(high), float(np.std(draws, ddof=1))
+
+
 def percentile_interval(value: float, draws: np.ndarray, n: int) -> Interval:
     """A score's bootstrap interval from its values on the resamples (NaN: undefined there)."""
-    draws = draws[~np.isnan(draws)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return Interval(value, float(np.std(draws, ddof=1)), float(low), float(high), n, "bootstrap")
+    low, high, sd = _spread(draws)
+    return Interval(value, sd, low, high, n, "bootstrap")
 
 
 def paired_mean_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
@@ -120,6 +128,5 @@ def paired_mean_difference(a: Sequence[float], b: Sequence[float]) -> Difference
 def paired_difference(a: float, b: float, draws: np.ndarray, n: int) -> Difference:
     """B − A for any metric, from B's minus A's value on each paired resample of the shared items
     (NaN where a resample leaves the metric undefined, e.g. a category drawn empty)."""
-    draws = draws[~np.isnan(draws)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return Difference(a, b, b - a, float(low), float(high), n, "paired bootstrap of the suite's summary")
+    low, high, _ = _spread(draws)
+    return Difference(a, b, b - a, low, high, n, "paired bootstrap of the suite's summary")

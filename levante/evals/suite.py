@@ -55,8 +55,11 @@ NOOP_TOOL = {
         "parameters": {"type": "object", "properties": {}},
     },
 }
-REFUSALS = (400, 404, 405, 413, 422, 501)
-"""Statuses with which an endpoint says it does not do what a probe asked (tools, images, logprobs)."""
+REFUSALS = (400, 413, 422)
+"""Statuses with which an endpoint refuses what a probe asked (tools, images); a missing
+/completions (404, 405, 501) refuses logprobs too, but a 404 elsewhere means a wrong URL or model
+name, which the items then fail on."""
+NO_ENDPOINT = (404, 405, 501)
 
 
 @dataclass
@@ -98,12 +101,18 @@ class Endpoint:
         if tools:
             body["tools"] = tools
         try:
-            counted = await self.api.post(f"{root}/tokenize", body=body, cast_to=dict[str, Any])
+            counted = await self.api.post(
+                f"{root}/tokenize", body=body, cast_to=dict[str, Any], options={"max_retries": 0}
+            )
+            count = int(counted["count"])
         except openai.APIStatusError as e:
-            if e.status_code in (404, 405, 501):  # no /tokenize here: stop asking
+            if e.status_code not in (400, 413, 422):  # not this prompt's fault: stop asking
                 self.uncountable.append(f"{root}/tokenize: {e.status_code} {e.message}")
-            return max_tokens  # else this prompt could not be counted: the endpoint's answer will say why
-        room = self.context - int(counted["count"])
+            return max_tokens  # the endpoint's answer to the request itself will say what is wrong
+        except (openai.APIError, KeyError, TypeError, ValueError) as e:  # unreachable, or no count
+            self.uncountable.append(f"{root}/tokenize: {type(e).__name__}: {e}")
+            return max_tokens
+        room = self.context - count
         if 0 < room < max_tokens:
             self.fitted += 1
             return room
@@ -119,7 +128,10 @@ class Endpoint:
                 await self._probe(capability)
                 self.probes[capability] = None
             except openai.APIStatusError as e:
-                if e.status_code not in REFUSALS:
+                missing = (
+                    capability == "logprobs" and e.status_code in NO_ENDPOINT and self.model not in e.message
+                )
+                if e.status_code not in REFUSALS and not missing:
                     raise
                 self.probes[capability] = f"{e.status_code} {e.message}"
             except NotApplicable as e:
@@ -135,7 +147,7 @@ class Endpoint:
             await ask(messages=hello, tools=[NOOP_TOOL])
         elif capability == "images":
             content = [
-                {"type": "image_url", "image_url": {"url": PROBE_IMAGE}},
+                {"type": "image_url", "image_url": {"url": probe_image()}},
                 {"type": "text", "text": "What is it?"},
             ]
             await ask(messages=[{"role": "user", "content": content}])
@@ -151,10 +163,16 @@ class NotApplicable(Exception):
     """The endpoint answered a probe without doing what it asked."""
 
 
-PROBE_IMAGE = (  # a 16×16 grey PNG
-    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGUlEQVR4nGNsaGhgIAUw"
-    "kaR6VMOohiGlAQDJTAGgLgFHggAAAABJRU5ErkJggg=="
-)
+def probe_image() -> str:
+    """A 64×64 grey PNG as a data URL: larger than any vision encoder's patch."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,13 @@ def differences(summarize: Summary, a: list[Record], b: list[Record]) -> dict[st
     out: dict[str, Difference] = {}
     rows: tuple[list[dict[str, float]], list[dict[str, float]]] | None = None
     for metric in [m for m in summary_a if m in summary_b]:
-        if per_item(a, metric, summary_a[metric]) is not None and per_item(b, metric, summary_b[metric]):
+        if (
+            per_item(a, metric, summary_a[metric]) is not None
+            and per_item(b, metric, summary_b[metric]) is not None
+        ):
             both = [(x, y) for x, y in zip(a, b, strict=True) if metric in x.scores and metric in y.scores]
+            if not both:
+                continue  # no shared item measured it on both sides
             out[metric] = paired_mean_difference(
                 [x.scores[metric] for x, _ in both], [y.scores[metric] for _, y in both]
             )
