@@ -50,7 +50,12 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
     """The engine settings `model_flags` gives every model command, plus the command's own."""
     from levante.engine import EngineConfig
     from levante.engine.sampling_params import LOOP_GUARD_ON
+    from levante.engine.speculative import SpeculativeConfig
 
+    try:
+        speculative = SpeculativeConfig.parse(args.speculative_config) if args.speculative_config else None
+    except ValueError as e:
+        raise LevanteError(f"--speculative-config: {e}") from None
     return EngineConfig(
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len,
@@ -58,6 +63,7 @@ def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         batch_invariant=not args.no_batch_invariant,
         kv_cache_dtype=args.kv_cache_dtype,
         compile=not args.enforce_eager,
+        speculative=speculative,
         **extra,
     )
 
@@ -284,6 +290,11 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=positive(int), help="context length (default: the model's)")
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
+    p.add_argument(
+        "--speculative-config",
+        help='prompt-lookup speculation for greedy requests, as vLLM: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (off by default)',
+    )
     p.add_argument(
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,

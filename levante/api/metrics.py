@@ -53,6 +53,12 @@ class _EngineCollector:
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", blocks.prefix_queries),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", blocks.prefix_hits),
             "num_preemptions": ("Sequences preempted for lack of KV blocks.", stats.preemptions),
+            "spec_decode_num_drafts": (
+                "Steps in which a sequence's proposals were checked.",
+                stats.spec_drafts,
+            ),
+            "spec_decode_num_draft_tokens": ("Proposed tokens checked.", stats.spec_draft_tokens),
+            "spec_decode_num_accepted_tokens": ("Proposed tokens kept.", stats.spec_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             c = CounterMetricFamily(f"levante:{name}", doc, labels=["model_name"])
@@ -117,6 +123,7 @@ class RequestTracker:
         self.prompt_tokens = self.cached_tokens = 0
         self.queue_time: float | None = None
         self.reasons: list[str] = []
+        self.drafted: dict[int, tuple[int, int]] = {}  # choice → (tokens proposed, kept) so far
         self.error = False  # the request failed in the engine (set by whoever consumes its outputs)
 
     def observe(self, out: Output) -> None:
@@ -134,6 +141,8 @@ class RequestTracker:
                     self.metrics.itl.observe(gap)
             self.last = now
             self.tokens += len(out.token_ids)
+        if out.spec_proposed:
+            self.drafted[out.index] = (out.spec_proposed, out.spec_accepted)
         if out.finished:
             self.reasons.append(out.finish_reason or "abort")
 
@@ -147,8 +156,12 @@ class RequestTracker:
         if self.first is not None and self.tokens > 1:
             m.tpot.observe((now - self.first) / (self.tokens - 1))
         ttft = f"{self.first - self.start:.3f}s" if self.first is not None else "-"
+        proposed, kept = (
+            (sum(x) for x in zip(*self.drafted.values(), strict=True)) if self.drafted else (0, 0)
+        )
+        spec = f" spec_accepted={kept}/{proposed}" if proposed else ""
         log.info(
-            "%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s%s",
+            "%s prompt_tokens=%d cached_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s%s%s",
             self.request_id,
             self.prompt_tokens,
             self.cached_tokens,
@@ -156,5 +169,6 @@ class RequestTracker:
             ttft,
             total,
             ",".join(self.reasons) or "abort",
+            spec,
             f" prompt={self.prompt_text!r}" if self.prompt_text is not None else "",
         )

@@ -1,7 +1,8 @@
 """The engine: requests in, token and text deltas out, one scheduler step at a time.
 
-`Engine.step()` is the whole loop: schedule → run the model once over the flat batch → sample
-→ detokenize, check stops → free finished sequences."""
+`Engine.step()` is the whole loop: propose (speculation, if on) → schedule → run the model once
+over the flat batch → sample (and check proposals) → detokenize, check stops → free finished
+sequences."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from levante.engine.sampler import Sample, SampleRow, check_vocab, raw_logprobs,
 from levante.engine.sampling_params import RepetitionDetection, SamplingParams
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import ImageSpan, Sequence
+from levante.engine.speculative import NgramIndex, SpeculativeConfig
 from levante.engine.stops import StopStrings
 from levante.model import Model
 from levante.reference import DenseKVCache
@@ -56,6 +58,7 @@ class EngineConfig:
     # (and the test suite's engines start in a second, not a compile's quarter minute); the CLI
     # compiles unless --enforce-eager, as vLLM
     compile: bool = False
+    speculative: SpeculativeConfig | None = None  # prompt-lookup speculation for greedy requests
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -91,6 +94,8 @@ class Output:
     arrival: float = 0.0  # time.monotonic() of add_request
     scheduled_at: float | None = None  # when the request first ran (queue time = this - arrival)
     prompt_logprobs: list[Sample | None] | None = None  # on the first output of choice 0, if asked
+    spec_proposed: int = 0  # speculation so far: tokens proposed for this sequence, and kept
+    spec_accepted: int = 0
 
 
 @dataclass
@@ -104,6 +109,8 @@ class _Track:
     # prompt positions scored so far ([None] for the first token); None once sent or not asked
     prompt_logprobs: list[Sample | None] | None = None
     matcher: llg.LLMatcher | None = None  # where the sequence stands in its grammar, if it has one
+    pending_text: list[str] = field(default_factory=list)  # text of tokens kept this step, not sent yet
+    ngrams: NgramIndex | None = None  # speculation's lookup table, built at its first proposal
 
 
 @dataclass
@@ -113,6 +120,9 @@ class EngineStats:
     preemptions: int = 0
     finished: dict[str, int] = field(default_factory=dict)
     loop_stops: int = 0
+    spec_drafts: int = 0  # steps a sequence fed proposals in (vLLM's spec_decode_num_drafts)
+    spec_draft_tokens: int = 0  # tokens proposed and checked
+    spec_accepted_tokens: int = 0  # of those, kept
 
 
 class Engine:
@@ -241,6 +251,7 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[Output]:
+        self._propose()
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
         outputs = [self._finish(seq, "length", None) for seq in batch.out_of_memory]
@@ -249,10 +260,16 @@ class Engine:
         if self.keep_step_log:
             self.step_log.append([(seq.request_id, n) for seq, n in batch.items])
         full = frozenset(i for i, (seq, _) in enumerate(batch.items) if self._scores_prompt(seq))
-        logits = self.runner.run(batch.items, full)
+        checked = frozenset(i for i, (seq, _) in enumerate(batch.items) if seq.draft)
+        logits = self.runner.run(batch.items, full | checked)
         sampling: list[tuple[Sequence, int]] = []
+        verifying: list[tuple[Sequence, int]] = []
         row = 0
         for i, (seq, n) in enumerate(batch.items):
+            if i in checked:  # its last token and the proposals after it: a row each
+                verifying.append((seq, row))
+                row += n
+                continue
             start = seq.num_computed
             seq.num_computed += n
             if i in full:
@@ -266,6 +283,7 @@ class Engine:
                 else:
                     sampling.append((seq, row - 1))
             self.stats.prompt_tokens += max(0, min(seq.num_computed, len(seq.prompt)) - start)
+        outputs += [out for seq, first in verifying if (out := self._verify(seq, logits, first)) is not None]
         if not sampling:
             return outputs
         rows = [
@@ -279,6 +297,51 @@ class Engine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _propose(self) -> None:
+        """Proposals for the running greedy sequences that are decoding, where speculation is on
+        and the batch is small enough for the extra rows to cost little."""
+        spec = self.config.speculative
+        running = self.scheduler.running
+        if spec is None:
+            return
+        busy = len(running) > spec.disable_by_batch_size
+        for seq in running:
+            seq.draft = []
+            track = self._tracks[seq.seq_id]
+            params = seq.params
+            if busy or seq.num_remaining != 1 or not params.greedy or track.matcher is not None:
+                continue  # prefilling, sampled (not yet speculated) or grammar-constrained
+            left = self.max_model_len - len(seq) - 1
+            if params.max_tokens is not None:
+                left = min(left, params.max_tokens - len(seq.output) - 1)
+            if left <= 0:
+                continue
+            if track.ngrams is None:
+                track.ngrams = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
+            seq.draft = track.ngrams.propose(seq.tokens, min(spec.num_speculative_tokens, left))
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor, first: int) -> Output | None:
+        """Keeps the proposals the model agrees with, then its own next token: row j of the
+        sequence's logits scores the token after its last one and j proposals. Each kept token
+        goes through every check a decoded one does (stops, max_tokens, the loop guard), in order."""
+        draft, start = seq.draft, seq.num_computed
+        seq.draft = []
+        self.stats.spec_drafts += 1
+        self.stats.spec_draft_tokens += len(draft)
+        seq.spec_proposed += len(draft)
+        eos = self.tokenizer.eos_token_ids
+        for j in range(len(draft) + 1):
+            seq.num_computed = start + 1 + j  # the K/V of the last token and j kept proposals
+            row = SampleRow(seq.params, seq.prompt, seq.output, seq.generator, eos)
+            smp = sample(logits[first + j : first + j + 1], [row])[0]
+            last = j == len(draft) or smp.token != draft[j]
+            self.stats.spec_accepted_tokens += not last
+            seq.spec_accepted += not last
+            out = self._append(seq, smp, emit=last)
+            if seq.finished or last:
+                return out
+        return None
 
     def _mask_by_grammar(self, seqs: list[Sequence], rows: list[SampleRow]) -> None:
         """Gives each constrained row the tokens its grammar allows, all computed in one call."""
@@ -309,7 +372,9 @@ class Engine:
         found = raw_logprobs(logits[first - 1 - start : end - 1 - start], tokens, [k] * len(tokens))
         scored += [Sample(t, lp, top) for t, (lp, top) in zip(tokens, found, strict=True)]
 
-    def _append(self, seq: Sequence, smp: Sample) -> Output | None:
+    def _append(self, seq: Sequence, smp: Sample, emit: bool = True) -> Output | None:
+        """Takes one token: an Output when the sequence finishes or `emit`, else the token and its
+        text wait for the next one (speculation keeps several tokens a step, sent together)."""
         seq.output.append(smp.token)
         self.stats.generation_tokens += 1
         track = self._tracks[seq.seq_id]
@@ -333,6 +398,9 @@ class Engine:
         if params.repetition_detection.enabled and repeating_tail(seq.output, params.repetition_detection):
             self.stats.loop_stops += 1
             return self._finish(seq, "repetition", None, text)
+        if not emit:
+            track.pending_text.append(text)
+            return None
         return self._emit(seq, text)
 
     def _grammar_done(self, seq: Sequence, matcher: llg.LLMatcher, token: int) -> bool:
@@ -346,6 +414,9 @@ class Engine:
 
     def _emit(self, seq: Sequence, text: str, finished: bool = False) -> Output:
         track = self._tracks[seq.seq_id]
+        if track.pending_text:
+            text = "".join(track.pending_text) + text
+            track.pending_text.clear()
         out = Output(
             seq.request_id,
             seq.index,
@@ -361,6 +432,8 @@ class Engine:
             seq.arrival,
             seq.scheduled_at,
             track.prompt_logprobs,
+            seq.spec_proposed,
+            seq.spec_accepted,
         )
         track.pending, track.pending_logprobs, track.prompt_logprobs = [], [], None
         return out

@@ -86,7 +86,7 @@ class Runner:
         for i, (seq, n) in enumerate(items):
             start, end = seq.num_computed, seq.num_computed + n
             row = len(step.ids)
-            step.ids.extend(seq.tokens[start:end])
+            step.ids.extend(seq.tokens[start:end] if end <= len(seq) else (seq.tokens + seq.draft)[start:end])
             step.positions.extend(range(start, end))
             step.slots.extend(self._slots(seq, start, end))
             if n == 1 or self.batch_invariant:

@@ -63,6 +63,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.image_embeds = None
+        seq.draft.clear()
         seq.num_preemptions += 1
         batch.preempted.append(seq)
         self.add(seq)
@@ -74,7 +75,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_remaining, budget)
+            n = min(seq.num_remaining + len(seq.draft), budget)
+            del seq.draft[max(0, n - seq.num_remaining) :]  # what the budget leaves of its proposals
+            if seq.draft and not self.blocks.allocate(seq, n):  # no room to check them: decode plainly
+                seq.draft.clear()
+                n = min(seq.num_remaining, budget)
             while not self.blocks.allocate(seq, n):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:

@@ -56,6 +56,9 @@ class Sequence:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     scheduled_at: float | None = None  # when it first got a place in a batch (queue time ends)
+    draft: list[int] = field(default_factory=list)  # tokens proposed after it, checked this step
+    spec_proposed: int = 0  # proposals checked over its life, and kept
+    spec_accepted: int = 0
 
     @property
     def tokens(self) -> list[int]:

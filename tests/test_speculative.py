@@ -1,0 +1,214 @@
+"""Prompt-lookup speculation (`levante.engine.speculative`): greedy answers token for token, text for
+text and logprob for logprob the ones decoding without it gives — on the demo model with prompts
+an answer copies from, on a tiny Mistral3 with images — with stop strings, max_tokens, n > 1,
+logprobs, grammar-constrained requests beside them, prefix-cache hits and preemption; and a
+speculation that was actually used (proposals kept), or the equality would prove nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+from servers import running
+from test_compiled import chats
+from test_engine import data_url
+
+from levante.cli import main
+from levante.engine import EngineConfig, SamplingParams
+from levante.engine.engine import Engine
+from levante.engine.grammar import json_schema_grammar
+from levante.engine.speculative import NgramIndex, SpeculativeConfig
+from levante.loader import LoadedModel, demo_model_path, load
+from levante.tokenizer import PromptInputs
+
+CODE = '''def total(items):
+    """Sum of price times quantity over the items."""
+    result = 0
+    for item in items:
+        result += item["price"] * item["quantity"]
+    return result
+'''
+COPYING = [
+    "Return this function unchanged, then explain it in one line:\n" + CODE,
+    "Extract the line items as JSON with fields name, qty and price:\n"
+    "Widget A, 3 units, $4.50\nWidget B, 10 units, $1.25\nGadget C, 1 unit, $99.00",
+    "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the dog.",
+    "Translate to French, keeping the code as it is: run `pip install levante` and then `levante serve`.",
+    "Write the numbers from one to twenty in words, separated by commas.",
+    "Tell me a short story about a lighthouse keeper.",
+]
+SPEC = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=4, prompt_lookup_min=2)
+
+
+def test_lookup_takes_the_longest_suffix_seen_before_and_its_latest_occurrence() -> None:
+    index = NgramIndex(2, 3)
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
+    assert index.propose(tokens, 4) == [7, 5, 2, 3]  # "2 3" last ended before 7 (not the first 2 3 9)
+    tokens += [8, 1, 2, 3]
+    assert index.propose(tokens, 2) == [7, 5]  # "1 2 3" (length 3) beats "2 3" ending before 8
+    assert index.propose([4, 5, 6], 3) == []  # (a fresh sequence's index would be empty: no repeat)
+    assert NgramIndex(2, 4).propose([5, 6, 1, 5, 6], 9) == [1, 5, 6]  # at most what follows
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ('{"method": "draft_model", "model": "x"}', "method 'draft_model'"),
+        ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be a positive"),
+        ('{"num_speculative_tokens": true}', "num_speculative_tokens must be a positive"),
+        ('{"prompt_lookup_min": 5, "prompt_lookup_max": 3}', "prompt_lookup_min must not exceed"),
+        ('{"ngram_size": 3}', "unknown field 'ngram_size'"),
+        ("[4]", "expected a JSON object"),
+        ("{method: ngram}", "not JSON"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_field(value: str, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SpeculativeConfig.parse(value)
+
+
+def test_the_cli_names_the_bad_field(capsys: pytest.CaptureFixture[str]) -> None:
+    flag = '{"method": "ngram", "num_speculative_tokens": -2}'
+    assert main(["generate", "--prompt", "hello", "--speculative-config", flag]) == 1
+    assert "--speculative-config: speculative config: num_speculative_tokens must be a positive" in (
+        capsys.readouterr().err
+    )
+
+
+def params(i: int) -> SamplingParams:
+    """Greedy, 12 to 60 tokens; every fifth with a stop string, every fourth logprobs, every sixth
+    n = 2, every seventh bound to a JSON schema (never speculated, running beside those that are)."""
+    if i % 7 == 6:
+        schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+        return SamplingParams(temperature=0, max_tokens=30, grammar=json_schema_grammar(schema))
+    return SamplingParams(
+        temperature=0,
+        max_tokens=12 + (7 * i) % 49,
+        stop=["lazy"] if i % 5 == 0 else [],
+        logprobs=2 if i % 4 == 1 else None,
+        n=2 if i % 6 == 3 else 1,
+    )
+
+
+def run(engine: Engine, inputs: list[PromptInputs]) -> dict[tuple[int, int], list]:
+    """Per (request, choice): its (token, logprob and top logprobs) in order, its text, how it ended."""
+    got: dict[tuple[int, int], list] = {}
+    for i, prompt in enumerate(inputs):
+        engine.add_request(str(i), prompt, params(i))
+    while engine.has_unfinished():
+        for out in engine.step():
+            entry = got.setdefault((int(out.request_id), out.index), [[], "", None])
+            logprobs = out.logprobs or [None] * len(out.token_ids)
+            entry[0] += [
+                (t, None if s is None or math.isnan(s.logprob) else (s.logprob, s.top_logprobs))
+                for t, s in zip(out.token_ids, logprobs, strict=True)
+            ]
+            entry[1] += out.text
+            entry[2] = entry[2] or out.finish_reason
+    return got
+
+
+def engine(loaded: LoadedModel, speculative: SpeculativeConfig | None, **config: object) -> Engine:
+    settings = dict(kv_cache_memory=0.05, max_num_seqs=8, max_num_batched_tokens=256, speculative=speculative)
+    return Engine(loaded.model, loaded.tokenizer, EngineConfig(**{**settings, **config}))  # type: ignore[arg-type]
+
+
+def copying_chats(loaded: LoadedModel) -> list[PromptInputs]:
+    """The copy-heavy prompts, each again behind a system prompt (prefix-cache hits on the second
+    round of the same user turn), 32 in all."""
+    out = []
+    for i in range(32):
+        messages = [{"role": "user", "content": COPYING[i % len(COPYING)]}]
+        if i >= len(COPYING) and i % 2:
+            messages.insert(0, {"role": "system", "content": "You are careful and exact."})
+        out.append(loaded.tokenizer.encode_chat(messages))
+    return out
+
+
+def test_greedy_answers_are_the_same_with_speculation_on_the_demo_model() -> None:
+    loaded = load(demo_model_path(), dtype="bfloat16", progress=False)
+    inputs = copying_chats(loaded)
+    plain = run(engine(loaded, None), inputs)
+    spec = engine(loaded, SPEC)
+    assert run(spec, inputs) == plain
+    stats = spec.stats
+    assert stats.spec_accepted_tokens > 40 and stats.spec_draft_tokens > stats.spec_accepted_tokens
+    assert spec.blocks.prefix_hits > 0  # repeated prompts were served from the cache meanwhile
+    assert any(e[2] == "stop" for e in plain.values()) and any(e[0][0][1] for e in plain.values())
+    assert (3, 1) in plain  # n = 2
+
+    # preempted and recomputed mid-answer, with proposals in flight
+    small = engine(loaded, SPEC, kv_cache_memory=_gib(loaded, 320), max_num_batched_tokens=128)
+    assert run(small, inputs[:10]) == {k: v for k, v in plain.items() if k[0] < 10}
+    assert small.stats.preemptions > 0 and small.stats.spec_accepted_tokens > 0
+
+
+def test_greedy_answers_are_the_same_with_speculation_on_a_tiny_mistral3_with_images(
+    tiny_mistral: Path,
+) -> None:
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    inputs = chats(loaded, images=True)
+    inputs.append(
+        loaded.tokenizer.encode_chat(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(64, 48, 7)}},
+                        {"type": "text", "text": COPYING[0]},
+                    ],
+                }
+            ]
+        )
+    )
+    plain = run(engine(loaded, None), inputs)
+    spec = engine(loaded, SPEC)
+    assert run(spec, inputs) == plain
+    assert spec.stats.spec_accepted_tokens > 0
+
+
+def test_a_busy_batch_decodes_plainly(tiny_mistral: Path) -> None:
+    """More running sequences than disable_by_batch_size: no proposals at all."""
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    inputs = chats(loaded, images=False)[:12]
+    busy = engine(loaded, SpeculativeConfig(disable_by_batch_size=2), max_num_seqs=12)
+    plain = run(engine(loaded, None, max_num_seqs=12), inputs)
+    assert run(busy, inputs) == plain
+    assert busy.stats.spec_drafts < busy.stats.generation_tokens // 4  # only once the batch thinned out
+
+
+def _gib(loaded: LoadedModel, tokens: int) -> float:
+    text = loaded.config.text
+    element = loaded.model.decoder.norm.weight.element_size()
+    return tokens * 2 * text.num_layers * text.num_kv_heads * text.head_dim * element / (1 << 30)
+
+
+def test_a_served_answer_is_the_same_and_its_speculation_counted(
+    client: openai.OpenAI, tmp_path: Path
+) -> None:
+    """`levante serve --speculative-config` against the suite's demo server (no speculation): the
+    same streamed greedy answer, /metrics counting what was proposed and kept (vLLM's names), and
+    the request's log line saying how much of it was kept."""
+    flag = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4})
+    args = ["--kv-cache-memory", "0.25", "--max-model-len", "2048", "--speculative-config", flag]
+    messages = [{"role": "user", "content": COPYING[0]}]
+
+    def answer(c: openai.OpenAI) -> str:
+        stream = c.chat.completions.create(
+            model=c.models.list().data[0].id, messages=messages, max_tokens=80, temperature=0, stream=True
+        )
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    with running(args, tmp_path / "server.log") as server:
+        spec_client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        assert answer(spec_client) == answer(client)
+        with urllib.request.urlopen(f"{server.url}/metrics") as resp:
+            metrics = resp.read().decode()
+    kept = re.search(r"^levante:spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)
+    assert kept is not None and float(kept[1]) > 0
+    assert re.search(r"spec_accepted=\d+/\d+", (tmp_path / "server.log").read_text())
