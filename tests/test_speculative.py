@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from servers import running
 from test_compiled import chats
 from test_engine import data_url
@@ -22,6 +23,7 @@ from levante.cli import main
 from levante.engine import EngineConfig, SamplingParams
 from levante.engine.engine import Engine
 from levante.engine.grammar import json_schema_grammar
+from levante.engine.sampler import Sample
 from levante.engine.speculative import NgramIndex, SpeculativeConfig
 from levante.loader import LoadedModel, demo_model_path, load
 from levante.tokenizer import PromptInputs
@@ -212,3 +214,108 @@ def test_a_served_answer_is_the_same_and_its_speculation_counted(
     kept = re.search(r"^levante:spec_decode_num_accepted_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)
     assert kept is not None and float(kept[1]) > 0
     assert re.search(r"spec_accepted=\d+/\d+", (tmp_path / "server.log").read_text())
+
+
+CHI2_0_001 = {
+    **{1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12, 9: 27.88},
+    **{10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70, 16: 39.25, 17: 40.79},
+    **{18: 42.31, 19: 43.82, 20: 45.31, 21: 46.80, 22: 48.27, 23: 49.73, 24: 51.18, 25: 52.62, 26: 54.05},
+}
+"""The chi-square distribution's 99.9th percentile by degrees of freedom (a standard table)."""
+
+
+def homogeneity(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> tuple[float, int]:
+    """Pearson's chi-square statistic for "a and b come from one distribution", over the outcomes
+    (those expected fewer than 5 times in either sample pooled into one cell), and its degrees of
+    freedom."""
+    counts = {o: (a.count(o), b.count(o)) for o in set(a) | set(b)}
+    cells, rest = [], [0, 0]
+    for x, y in counts.values():
+        if (x + y) * min(len(a), len(b)) / (len(a) + len(b)) >= 5:
+            cells.append((x, y))
+        else:
+            rest = [rest[0] + x, rest[1] + y]
+    cells += [tuple(rest)] if sum(rest) else []
+    total = len(a) + len(b)
+    stat = 0.0
+    for x, y in cells:
+        for observed, size in ((x, len(a)), (y, len(b))):
+            expected = (x + y) * size / total
+            stat += (observed - expected) ** 2 / expected
+    return stat, len(cells) - 1
+
+
+def test_sampled_answers_keep_the_model_distribution(
+    tiny_mistral: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first three tokens of 800 sampled answers, kept to three tokens by a logit bias (27
+    outcomes, the model's own odds among them), after a prompt of those tokens in every order, so
+    that every step checks proposals: with speculation they follow the distribution they follow
+    without (Pearson's chi-square at the 0.001 level); with a wrong rule — every proposal kept —
+    the same test tells them apart."""
+    import random
+
+    import levante.engine.engine as engine_module
+
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    a, b, c = 1000, 1001, 1002
+    prompt = PromptInputs([1, a, b, c, a, c, b, a, a, b, b, c, c, a, c])
+    params_ = SamplingParams(
+        temperature=1.0, max_tokens=3, ignore_eos=True, logit_bias={a: 100.0, b: 100.0, c: 100.0}
+    )
+    spec = SpeculativeConfig(num_speculative_tokens=2, prompt_lookup_min=1, prompt_lookup_max=2)
+
+    def answers(speculative: SpeculativeConfig | None) -> tuple[list[tuple[int, ...]], Engine]:
+        random.seed(1)  # the unseeded requests' generators are seeded from `random`
+        e = engine(loaded, speculative, max_num_seqs=8)
+        for i in range(800):
+            e.add_request(str(i), prompt, params_)
+        got: dict[str, list[int]] = {str(i): [] for i in range(800)}
+        while e.has_unfinished():
+            for out in e.step():
+                got[out.request_id] += out.token_ids
+        return [tuple(t) for t in got.values()], e
+
+    without, _ = answers(None)
+    assert {t for answer in without for t in answer} == {a, b, c}  # no outcome is (nearly) certain
+    with_spec, used = answers(spec)
+    assert used.stats.spec_draft_tokens >= 800 and used.stats.spec_accepted_tokens > 100
+    stat, df = homogeneity(without, with_spec)
+    assert df >= 8 and stat < CHI2_0_001[df], (stat, df)
+
+    def keep_every_proposal(logits: torch.Tensor, row: object, proposal: int) -> tuple[Sample, bool]:
+        return Sample(proposal, math.nan, []), True
+
+    monkeypatch.setattr(engine_module, "check", keep_every_proposal)
+    wrong, _ = answers(spec)
+    stat, df = homogeneity(without, wrong)
+    assert stat > CHI2_0_001[df], (stat, df)
+
+
+def run_greedy(e: Engine, tokens: list[int], count: int) -> list[int]:
+    e.add_request(
+        "greedy", PromptInputs(tokens), SamplingParams(temperature=0, max_tokens=count, ignore_eos=True)
+    )
+    out: list[int] = []
+    while e.has_unfinished():
+        for delta in e.step():
+            out += delta.token_ids
+    return out
+
+
+def test_the_rejection_rule_keeps_every_sampling_setting() -> None:
+    """At the sampler: with temperature, top-k, top-p and min-p together, tokens drawn through
+    `check` (a proposal kept or replaced) follow the distribution plain draws follow."""
+    from levante.engine.sampler import SampleRow, check, sample
+
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(3)) * 3
+    params_ = SamplingParams(temperature=0.8, top_k=40, top_p=0.85, min_p=0.02, seed=0)
+    generator = torch.Generator().manual_seed(5)
+    row = SampleRow(params_, [], [], generator, frozenset())
+    plain = [(sample(logits, [row])[0].token,) for _ in range(6000)]
+    likely = max(set(plain), key=plain.count)[0]
+    checked = [(check(logits, row, likely)[0].token,) for _ in range(6000)]
+    stat, df = homogeneity(plain, checked)
+    assert df >= 5 and stat < CHI2_0_001[df], (stat, df)
+    outside = int(logits[0].argmin())  # a token the settings rule out is never kept
+    assert all(check(logits, row, outside)[0].token != outside for _ in range(200))

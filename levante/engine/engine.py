@@ -23,7 +23,7 @@ from levante.engine.guard import repeating_tail
 from levante.engine.kv_cache import BlockManager, KVStore
 from levante.engine.linears import use_linear_kernels
 from levante.engine.runner import Runner, Step
-from levante.engine.sampler import Sample, SampleRow, check_vocab, raw_logprobs, sample
+from levante.engine.sampler import Sample, SampleRow, check, check_vocab, raw_logprobs, sample
 from levante.engine.sampling_params import RepetitionDetection, SamplingParams
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import ImageSpan, Sequence
@@ -310,8 +310,10 @@ class Engine:
             seq.draft = []
             track = self._tracks[seq.seq_id]
             params = seq.params
-            if busy or seq.num_remaining != 1 or not params.greedy or track.matcher is not None:
-                continue  # prefilling, sampled (not yet speculated) or grammar-constrained
+            # a seeded request's draws must not depend on whether the step was busy: it decodes plainly
+            seeded = not params.greedy and params.seed is not None
+            if busy or seq.num_remaining != 1 or seeded or track.matcher is not None:
+                continue  # also prefilling or grammar-constrained
             left = self.max_model_len - len(seq) - 1
             if params.max_tokens is not None:
                 left = min(left, params.max_tokens - len(seq.output) - 1)
@@ -323,8 +325,10 @@ class Engine:
 
     def _verify(self, seq: Sequence, logits: torch.Tensor, first: int) -> Output | None:
         """Keeps the proposals the model agrees with, then its own next token: row j of the
-        sequence's logits scores the token after its last one and j proposals. Each kept token
-        goes through every check a decoded one does (stops, max_tokens, the loop guard), in order."""
+        sequence's logits scores the token after its last one and j proposals. Greedy, a proposal
+        is kept where it is the argmax; sampled, by the rejection rule (`sampler.check`), so the
+        answer's distribution is the model's. Each kept token goes through every check a decoded
+        one does (stops, max_tokens, the loop guard), in order."""
         draft, start = seq.draft, seq.num_computed
         seq.draft = []
         self.stats.spec_drafts += 1
@@ -334,8 +338,13 @@ class Engine:
         for j in range(len(draft) + 1):
             seq.num_computed = start + 1 + j  # the K/V of the last token and j kept proposals
             row = SampleRow(seq.params, seq.prompt, seq.output, seq.generator, eos)
-            smp = sample(logits[first + j : first + j + 1], [row])[0]
-            last = j == len(draft) or smp.token != draft[j]
+            scores = logits[first + j : first + j + 1]
+            if j < len(draft) and not seq.params.greedy:
+                smp, kept = check(scores, row, draft[j])
+                last = not kept
+            else:
+                smp = sample(scores, [row])[0]
+                last = j == len(draft) or smp.token != draft[j]
             self.stats.spec_accepted_tokens += not last
             seq.spec_accepted += not last
             out = self._append(seq, smp, emit=last)

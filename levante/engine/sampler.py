@@ -171,6 +171,48 @@ def _draw(x: torch.Tensor, row: SampleRow) -> int:
         allowed = F.threshold(allowed, float(weights[i]), 0.0)
 
 
+def check(logits: torch.Tensor, row: SampleRow, proposal: int) -> tuple[Sample, bool]:
+    """A random row's token given a proposed one, keeping the row's distribution exactly (the
+    rejection rule of speculative sampling, for a proposal that is a single guess): the proposal is
+    kept with its probability p under the row's distribution, else a token is drawn from the
+    distribution without it. `logits` is [1, V]; returns the token and whether it is the proposal."""
+    x = _adjusted(logits[0], row) if _adjusts(row) else logits[0]
+    p = _distribution(x, row)
+    u = float(torch.rand((), dtype=torch.float64, generator=row.generator, device=x.device))
+    kept = u < float(p[proposal])
+    if kept:
+        token = proposal
+    else:
+        p[proposal] = 0.0
+        token = _pick(p, row.generator)
+    lp, top = (
+        raw_logprobs(logits, [token], [row.params.logprobs or 0])[0]
+        if row.params.logprobs is not None
+        else (math.nan, [])
+    )
+    return Sample(token, lp, top), kept
+
+
+def _distribution(x: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    """The probabilities `_draw` samples with, over the whole vocabulary (float64): temperature,
+    top-k, min-p, and the top-p nucleus (tokens with less than top_p of the mass strictly above)."""
+    p, v = row.params, x.shape[0]
+    ids: torch.Tensor | None = None
+    if 0 < p.top_k < v:
+        x, ids = x.topk(p.top_k)
+    weights = torch.sub(x, x.max()).mul_(_LOG2E / p.temperature).exp2_().double()
+    allowed = weights if p.min_p == 0.0 else torch.where(weights >= p.min_p, weights, 0.0)
+    if p.top_p < 1.0:
+        ordered = weights.sort(descending=True).values
+        above = torch.searchsorted(-ordered, -weights)  # how many weigh strictly more
+        mass = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])[above]
+        allowed = torch.where(mass < p.top_p * weights.sum(), allowed, 0.0)
+    probs = allowed / allowed.sum()
+    if ids is None:
+        return probs
+    return torch.zeros(v, dtype=torch.float64, device=x.device).index_copy_(0, ids, probs)
+
+
 def _pick(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     """An index drawn with probability ∝ `weights` from one uniform number. A cumsum is sequential, so
     it runs over block sums and then inside the chosen block only, never over the whole row."""

@@ -8,7 +8,9 @@ sequence's last token in one forward (reading the weights once, as for one token
 proposals the model itself would have chosen and the model's own token after the last of them.
 Under greedy decoding the answer is the one decoding without speculation gives, token for token:
 each kept token is the argmax of the same logits (in batch-invariant mode every row is computed
-alone, so a row's logits do not depend on the rows fed beside it)."""
+alone, so a row's logits do not depend on the rows fed beside it). Sampled, a proposal is kept
+with its probability under the request's distribution, else a token is drawn from the rest of it
+(`sampler.check`): the answers' distribution is the model's."""
 
 from __future__ import annotations
 
