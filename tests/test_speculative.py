@@ -144,6 +144,16 @@ def test_greedy_answers_are_the_same_with_speculation_on_the_demo_model() -> Non
     assert any(e[2] == "stop" for e in plain.values()) and any(e[0][0][1] for e in plain.values())
     assert (3, 1) in plain  # n = 2
 
+    # bound to a JSON schema: each proposal checked against the grammar where the kept ones took it
+    items = {"type": "object", "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}}}
+    schema = {"type": "array", "items": {**items, "required": ["name", "qty"]}}
+    bound = SamplingParams(temperature=0, max_tokens=80, grammar=json_schema_grammar(schema))
+    answers = []
+    for e in (engine(loaded, None), engine(loaded, SPEC)):
+        e.add_request("json", inputs[1], bound)
+        answers.append([t for _ in iter(e.has_unfinished, False) for out in e.step() for t in out.token_ids])
+    assert answers[0] == answers[1] and e.stats.spec_accepted_tokens > 5
+
     # preempted and recomputed mid-answer, with proposals in flight
     small = engine(loaded, SPEC, kv_cache_memory=_gib(loaded, 320), max_num_batched_tokens=128)
     assert run(small, inputs[:10]) == {k: v for k, v in plain.items() if k[0] < 10}

@@ -312,8 +312,8 @@ class Engine:
             params = seq.params
             # a seeded request's draws must not depend on whether the step was busy: it decodes plainly
             seeded = not params.greedy and params.seed is not None
-            if busy or seq.num_remaining != 1 or seeded or track.matcher is not None:
-                continue  # also prefilling or grammar-constrained
+            if busy or seq.num_remaining != 1 or seeded:
+                continue  # also prefilling
             left = self.max_model_len - len(seq) - 1
             if params.max_tokens is not None:
                 left = min(left, params.max_tokens - len(seq.output) - 1)
@@ -338,6 +338,7 @@ class Engine:
         for j in range(len(draft) + 1):
             seq.num_computed = start + 1 + j  # the K/V of the last token and j kept proposals
             row = SampleRow(seq.params, seq.prompt, seq.output, seq.generator, eos)
+            self._mask_by_grammar([seq], [row])  # the grammar where the kept tokens have taken it
             scores = logits[first + j : first + j + 1]
             if j < len(draft) and not seq.params.greedy:
                 smp, kept = check(scores, row, draft[j])
