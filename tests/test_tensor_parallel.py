@@ -170,21 +170,28 @@ def test_three_kv_heads_split_two_to_one_and_the_rest_in_half(demo_tp1: LLM) -> 
 
 def test_served_with_tensor_parallel_2(tiny_mistral: Path, tiny_tp1: LLM, tmp_path: Path) -> None:
     """The real entry point: `levante serve --tensor-parallel-size 2` spawns its worker, compiles the
-    step on both ranks, answers the openai client as TP=1 (eager) does, reports each rank's share,
-    and exits cleanly on SIGTERM."""
+    step on both ranks, answers the openai client as TP=1 (eager, no speculation) does with
+    prompt-lookup speculation on, reports each rank's share, and exits cleanly on SIGTERM."""
     args = ["--model", str(tiny_mistral), "--dtype", "float32", "--tensor-parallel-size", "2"]
     args += ["--no-enforce-eager", "--kv-cache-memory", "0.05", "--max-model-len", "1024"]
-    args += ["--served-model-name", "tp"]
+    args += ["--served-model-name", "tp", "--speculative-config", '{"method": "ngram"}']
     log = tmp_path / "server.log"
     messages = [{"role": "user", "content": "Tell me a story about rivers."}]
+    longer = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     with running(args, log) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        answer = client.chat.completions.create(
-            model="tp", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
-        )
+        answers = [
+            client.chat.completions.create(
+                model="tp", messages=messages, max_tokens=n, temperature=0, extra_body={"ignore_eos": True}
+            )
+            for n in (GREEDY.max_tokens, longer.max_tokens)
+        ]
     text = log.read_text()
     assert server.proc.returncode == 0 and "Traceback" not in text, text[-3000:]
-    assert answer.choices[0].message.content == tiny_tp1.generate([messages], GREEDY)[0].outputs[0].text
+    expected = [tiny_tp1.generate([messages], p)[0].outputs[0].text for p in (GREEDY, longer)]
+    assert [a.choices[0].message.content for a in answers] == expected
+    checked = [int(n) for n in re.findall(r"spec_accepted=\d+/(\d+)", text)]
+    assert sum(checked) > 0, text[-3000:]  # both ranks ran steps with proposals in them
     share = r"rank (\d) of 2 holds \d+ of the model's \d+ parameters: (\d+) of the (\d+) sharded"
     assert len(re.findall(r"compiled the step in", text)) == 2, text[-3000:]
     held = re.findall(share, text)
