@@ -292,8 +292,9 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop-guard", action="store_true", help="stop answers whose tail keeps repeating")
     p.add_argument(
         "--speculative-config",
-        help='prompt-lookup speculation for greedy requests, as vLLM: \'{"method": "ngram", '
-        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (off by default)',
+        help='speculative decoding, as vLLM: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' or '
+        '\'{"method": "draft_model", "model": PATH}\' (off by default)',
     )
     p.add_argument(
         "--enforce-eager",

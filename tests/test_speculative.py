@@ -25,6 +25,7 @@ from levante.engine.engine import Engine
 from levante.engine.grammar import json_schema_grammar
 from levante.engine.sampler import Sample
 from levante.engine.speculative import NgramIndex, SpeculativeConfig
+from levante.errors import LevanteError
 from levante.loader import LoadedModel, demo_model_path, load
 from levante.tokenizer import PromptInputs
 
@@ -60,7 +61,9 @@ def test_lookup_takes_the_longest_suffix_seen_before_and_its_latest_occurrence()
 @pytest.mark.parametrize(
     ("value", "field"),
     [
-        ('{"method": "draft_model", "model": "x"}', "method 'draft_model'"),
+        ('{"method": "eagle", "model": "x"}', "method 'eagle' is not supported"),
+        ('{"method": "draft_model"}', "model \\(a path\\) goes with method draft_model"),
+        ('{"method": "ngram", "model": "x"}', "model \\(a path\\) goes with method draft_model"),
         ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be a positive"),
         ('{"num_speculative_tokens": true}', "num_speculative_tokens must be a positive"),
         ('{"prompt_lookup_min": 5, "prompt_lookup_max": 3}', "prompt_lookup_min must not exceed"),
@@ -329,3 +332,24 @@ def test_the_rejection_rule_keeps_every_sampling_setting() -> None:
     assert df >= 5 and stat < CHI2_0_001[df], (stat, df)
     outside = int(logits[0].argmin())  # a token the settings rule out is never kept
     assert all(check(logits, row, outside)[0].token != outside for _ in range(200))
+
+
+def test_a_draft_model_gives_the_same_greedy_answers(tiny_mistral: Path, tiny_long_context: Path) -> None:
+    """A draft with the target's tokenizer: a text-only tiny Mistral of other weights (its guesses
+    mostly refused) and the target itself (mostly kept) — both leave the greedy answers as they
+    were, images, stops, logprobs, n = 2 and grammars included; a draft with another tokenizer is
+    refused naming the field."""
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    inputs = chats(loaded, images=True)[:16]
+    plain = run(engine(loaded, None), inputs)
+    for draft, most_kept in ((tiny_long_context, False), (tiny_mistral, True)):
+        config = SpeculativeConfig(method="draft_model", model=str(draft), num_speculative_tokens=3)
+        spec = engine(loaded, config)
+        assert run(spec, inputs) == plain
+        stats = spec.stats
+        assert stats.spec_draft_tokens > 50
+        assert (stats.spec_accepted_tokens > stats.spec_draft_tokens / 2) == most_kept, stats
+        assert spec.draft is not None and not spec.draft.shadows  # every finished sequence's cache freed
+    other = SpeculativeConfig(method="draft_model", model=str(demo_model_path()))
+    with pytest.raises(LevanteError, match=r"model: .*tokenizer is not the target model's"):
+        engine(loaded, other)

@@ -27,8 +27,9 @@ from levante.engine.sampler import Sample, SampleRow, check, check_vocab, raw_lo
 from levante.engine.sampling_params import RepetitionDetection, SamplingParams
 from levante.engine.scheduler import Scheduler
 from levante.engine.sequence import ImageSpan, Sequence
-from levante.engine.speculative import NgramIndex, SpeculativeConfig
+from levante.engine.speculative import DraftModel, NgramIndex, SpeculativeConfig
 from levante.engine.stops import StopStrings
+from levante.errors import LevanteError
 from levante.model import Model
 from levante.reference import DenseKVCache
 from levante.tokenizer import IncrementalDetokenizer, PromptInputs, Tokenizer
@@ -58,7 +59,7 @@ class EngineConfig:
     # (and the test suite's engines start in a second, not a compile's quarter minute); the CLI
     # compiles unless --enforce-eager, as vLLM
     compile: bool = False
-    speculative: SpeculativeConfig | None = None  # prompt-lookup speculation for greedy requests
+    speculative: SpeculativeConfig | None = None  # speculative decoding: prompt lookup or a draft model
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -155,6 +156,8 @@ class Engine:
             self.max_model_len,
         )
         self.grammars = Grammars(tokenizer.guidance_tokenizer, model.config.text.vocab_size)
+        spec = config.speculative
+        self.draft = load_draft(spec, model, tokenizer, config, self.max_model_len) if spec else None
         self.stats = EngineStats()
         self._seqs: dict[str, list[Sequence]] = {}
         self._tracks: dict[int, _Track] = {}
@@ -306,6 +309,7 @@ class Engine:
         if spec is None:
             return
         busy = len(running) > spec.disable_by_batch_size
+        wanted: list[tuple[Sequence, int]] = []
         for seq in running:
             seq.draft = []
             track = self._tracks[seq.seq_id]
@@ -319,9 +323,16 @@ class Engine:
                 left = min(left, params.max_tokens - len(seq.output) - 1)
             if left <= 0:
                 continue
+            k = min(spec.num_speculative_tokens, left)
+            if self.draft is not None:
+                wanted.append((seq, k))
+                continue
             if track.ngrams is None:
                 track.ngrams = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
-            seq.draft = track.ngrams.propose(seq.tokens, min(spec.num_speculative_tokens, left))
+            seq.draft = track.ngrams.propose(seq.tokens, k)
+        if self.draft is not None:
+            self.draft.release_except({seq.seq_id for seq in running})
+            self.draft.propose(wanted)
 
     def _verify(self, seq: Sequence, logits: torch.Tensor, first: int) -> Output | None:
         """Keeps the proposals the model agrees with, then its own next token: row j of the
@@ -465,6 +476,9 @@ class Engine:
         return out
 
     def _count_finish(self, seq: Sequence) -> None:
+        """Counts a sequence that finished or was aborted (and frees its draft-model cache)."""
+        if self.draft is not None:
+            self.draft.release(seq.seq_id)
         reason = seq.finish_reason or "abort"
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
@@ -473,6 +487,34 @@ def context_length(model: Model, config: EngineConfig) -> int:
     """The longest sequence served: the configured length, never beyond the model's."""
     text = model.config.text
     return min(config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+
+
+def load_draft(
+    spec: SpeculativeConfig, model: Model, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int
+) -> DraftModel | None:
+    """The draft model of a draft_model speculative config, loaded as the target was (its dtype and
+    device); one whose tokenizer splits text otherwise than the target's is refused."""
+    if spec.method != "draft_model":
+        return None
+    from levante.loader import load
+
+    assert spec.model is not None
+    weight = model.decoder.norm.weight
+    dtype = str(weight.dtype).removeprefix("torch.")
+    loaded = load(spec.model, dtype=dtype, device=str(weight.device), progress=False)
+    probe = "Levante checks the draft's tokenizer: 12 apples, ünïcode, </s> and [TOOL_CALLS]."
+    same = (
+        loaded.tokenizer.vocab_size == tokenizer.vocab_size
+        and loaded.tokenizer.eos_token_ids == tokenizer.eos_token_ids
+        and loaded.tokenizer.encode(probe, add_bos=False) == tokenizer.encode(probe, add_bos=False)
+    )
+    if not same:
+        raise LevanteError(
+            f"--speculative-config: model: {spec.model}'s tokenizer is not the target model's; a draft "
+            "model must split text into the same tokens"
+        )
+    k = spec.num_speculative_tokens
+    return DraftModel(loaded.model, config.block_size, max_model_len, spec.disable_by_batch_size, k)
 
 
 def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], None] | None = None) -> Runner:

@@ -1,4 +1,5 @@
-"""Prompt-lookup (n-gram) speculation: guesses of the next tokens, checked by the model in one step.
+"""Speculation: guesses of the next tokens, checked by the model in one step — by prompt lookup
+(n-grams) or by a small draft model with the same tokenizer.
 
 An answer that copies from its prompt — line items into JSON, a function returned whole, code kept
 exactly in a translation — repeats runs of tokens the sequence already holds. Where the last n
@@ -10,15 +11,28 @@ Under greedy decoding the answer is the one decoding without speculation gives, 
 each kept token is the argmax of the same logits (in batch-invariant mode every row is computed
 alone, so a row's logits do not depend on the rows fed beside it). Sampled, a proposal is kept
 with its probability under the request's distribution, else a token is drawn from the rest of it
-(`sampler.check`): the answers' distribution is the model's."""
+(`sampler.check`): the answers' distribution is the model's. A draft model proposes greedily (its
+argmax, one guess per position), so the same rule keeps the distribution with it too; it keeps its
+own small paged KV cache, rolled back to what the target kept after every step."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-METHODS = ("ngram",)
+import torch
+
+from levante.engine.kv_cache import BlockManager, KVStore
+from levante.engine.runner import Runner
+from levante.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from levante.model import Model
+
+METHODS = ("ngram", "draft_model")
+DRAFT_CACHE_GIB = 1.0  # the most a draft model's KV cache takes
 
 
 @dataclass(frozen=True)
@@ -26,6 +40,7 @@ class SpeculativeConfig:
     """vLLM's `--speculative-config` fields for the n-gram method."""
 
     method: str = "ngram"
+    model: str | None = None  # draft_model: the draft checkpoint (the same tokenizer as the target)
     num_speculative_tokens: int = 4  # the most tokens proposed a step
     prompt_lookup_max: int = 4  # the longest suffix looked up
     prompt_lookup_min: int = 2  # the shortest
@@ -40,15 +55,21 @@ class SpeculativeConfig:
             raise ValueError(f"speculative config: not JSON ({e})") from None
         if not isinstance(body, dict):
             raise ValueError("speculative config: expected a JSON object")
-        if body.get("method", "ngram") not in METHODS:
-            raise ValueError(f"speculative config: method {body['method']!r} is not supported; use ngram")
+        if body.get("method", "ngram") not in METHODS:  # first: another method has fields of its own
+            raise ValueError(
+                f"speculative config: method {body['method']!r} is not supported; use ngram or draft_model"
+            )
+        if (body.get("method") == "draft_model") != isinstance(body.get("model"), str):
+            raise ValueError(
+                "speculative config: model (a path) goes with method draft_model, and only with it"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(body) - known)
         if unknown:
             raise ValueError(
                 f"speculative config: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}"
             )
-        for name in known - {"method"}:
+        for name in known - {"method", "model"}:
             if name in body and (
                 not isinstance(body[name], int) or isinstance(body[name], bool) or body[name] < 1
             ):
@@ -81,3 +102,70 @@ class NgramIndex:
             if end is not None:
                 return tokens[end : end + k]
         return []
+
+
+class DraftModel:
+    """A small model with the target's tokenizer that proposes greedily: each step it is fed what
+    it has not seen of every speculating sequence (its whole prompt the first time), then k - 1
+    single tokens; its own paged cache (no prefix caching) is rolled back to the tokens the target
+    kept, and freed once a sequence stops running."""
+
+    def __init__(self, model: Model, block_size: int, max_model_len: int, sequences: int, k: int) -> None:
+        text = model.config.text
+        weight = model.decoder.norm.weight
+        kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
+        per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, weight.dtype)
+        wanted = math.ceil(sequences * (max_model_len + k) / block_size)
+        num_blocks = max(1, min(wanted, int(DRAFT_CACHE_GIB * (1 << 30) // (per_token * block_size))))
+        store = KVStore(
+            text.num_layers, num_blocks, block_size, kv_heads, text.head_dim, weight.dtype, weight.device
+        )
+        self.runner = Runner(model, store, block_size)  # eager, library kernels: only its guesses count
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching=False)
+        self.max_len = min(max_model_len, text.max_position_embeddings)
+        self.shadows: dict[int, Sequence] = {}  # the target sequence's id → the draft's view of it
+
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> None:
+        """Sets each sequence's `draft` to up to k guesses (k given with it)."""
+        live: list[tuple[Sequence, Sequence, int]] = []
+        for seq, k in wanted:
+            if len(seq) + k > self.max_len:
+                continue
+            shadow = self.shadows.get(seq.seq_id)
+            if shadow is None:
+                shadow = Sequence(seq.seq_id, seq.request_id, seq.index, seq.prompt, seq.params, seq.arrival)
+                self.shadows[seq.seq_id] = shadow
+            shadow.output = seq.output  # the same list: what the target keeps, the draft sees
+            shadow.num_computed = min(shadow.num_computed, seq.num_computed)  # its guesses past that are gone
+            shadow.draft = []
+            live.append((seq, shadow, k))
+        stuck: set[int] = set()  # the draft's cache had no room for more of these
+        for _ in range(max((k for _, _, k in live), default=0)):
+            items = []
+            for _, shadow, k in live:
+                n = len(shadow) + len(shadow.draft) - shadow.num_computed
+                if len(shadow.draft) >= k or shadow.seq_id in stuck:
+                    continue
+                if self.blocks.allocate(shadow, n):
+                    items.append((shadow, n))
+                else:
+                    stuck.add(shadow.seq_id)
+            if not items:
+                break
+            logits = self.runner.run(items)
+            for (shadow, n), row in zip(items, logits, strict=True):
+                shadow.num_computed += n
+                shadow.draft.append(int(torch.argmax(row)))
+        for seq, shadow, _ in live:
+            seq.draft = list(shadow.draft)
+
+    def release(self, seq_id: int) -> None:
+        """Frees a sequence's part of the draft's cache (it finished, or was aborted or preempted)."""
+        shadow = self.shadows.pop(seq_id, None)
+        if shadow is not None:
+            self.blocks.release(shadow)
+
+    def release_except(self, running: set[int]) -> None:
+        """Frees the cache of every sequence that is no longer running (preempted, since)."""
+        for seq_id in [s for s in self.shadows if s not in running]:
+            self.release(seq_id)
