@@ -331,7 +331,7 @@ class Engine:
                 track.ngrams = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
             seq.draft = track.ngrams.propose(seq.tokens, k)
         if self.draft is not None:
-            self.draft.release_except({seq.seq_id for seq in running})
+            self.draft.sync(running)
             self.draft.propose(wanted)
 
     def _verify(self, seq: Sequence, logits: torch.Tensor, first: int) -> Output | None:
@@ -496,6 +496,11 @@ def load_draft(
     device); one whose tokenizer splits text otherwise than the target's is refused."""
     if spec.method != "draft_model":
         return None
+    if tensor_parallel.rank_and_world()[1] > 1:
+        raise LevanteError(
+            "--speculative-config: a draft_model does not run with --tensor-parallel-size > 1 yet "
+            "(its forward would wait on ranks that never run it); use the ngram method"
+        )
     from levante.loader import load
 
     assert spec.model is not None
@@ -513,8 +518,11 @@ def load_draft(
             f"--speculative-config: model: {spec.model}'s tokenizer is not the target model's; a draft "
             "model must split text into the same tokens"
         )
-    k = spec.num_speculative_tokens
-    return DraftModel(loaded.model, config.block_size, max_model_len, spec.disable_by_batch_size, k)
+    k, vocab = spec.num_speculative_tokens, model.config.text.vocab_size
+    chunk = config.max_num_batched_tokens
+    return DraftModel(
+        loaded.model, config.block_size, max_model_len, spec.disable_by_batch_size, k, vocab, chunk
+    )
 
 
 def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], None] | None = None) -> Runner:

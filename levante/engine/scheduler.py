@@ -75,11 +75,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_remaining + len(seq.draft), budget)
-            del seq.draft[max(0, n - seq.num_remaining) :]  # what the budget leaves of its proposals
-            if seq.draft and not self.blocks.allocate(seq, n):  # no room to check them: decode plainly
-                seq.draft.clear()
-                n = min(seq.num_remaining, budget)
+            n = min(seq.num_remaining, budget)
             while not self.blocks.allocate(seq, n):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:
@@ -110,4 +106,17 @@ class Scheduler:
             self.running.append(seq)
             batch.items.append((seq, n))
             budget -= n
+        self._add_proposals(batch, budget)
         return batch
+
+    def _add_proposals(self, batch: ScheduledBatch, budget: int) -> None:
+        """Proposals (speculation) ride along only with what is left: once every sequence has its
+        tokens, in the budget and the free blocks that remain, so they never preempt or delay one."""
+        for index, (seq, n) in enumerate(batch.items):
+            extra = min(len(seq.draft), budget) if n == seq.num_remaining else 0
+            if extra and self.blocks.allocate(seq, n + extra):  # free blocks only: False changes nothing
+                del seq.draft[extra:]
+                batch.items[index] = (seq, n + extra)
+                budget -= extra
+            else:
+                seq.draft.clear()

@@ -110,7 +110,18 @@ class DraftModel:
     single tokens; its own paged cache (no prefix caching) is rolled back to the tokens the target
     kept, and freed once a sequence stops running."""
 
-    def __init__(self, model: Model, block_size: int, max_model_len: int, sequences: int, k: int) -> None:
+    def __init__(
+        self,
+        model: Model,
+        block_size: int,
+        max_model_len: int,
+        sequences: int,
+        k: int,
+        vocab: int,
+        chunk: int,
+    ) -> None:
+        """`vocab`: the target's vocabulary (a guess beyond it is dropped); `chunk`: the most tokens
+        one sequence feeds the draft in one forward (its prompt is caught up on in chunks)."""
         text = model.config.text
         weight = model.decoder.norm.weight
         kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
@@ -123,6 +134,7 @@ class DraftModel:
         self.runner = Runner(model, store, block_size)  # eager, library kernels: only its guesses count
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching=False)
         self.max_len = min(max_model_len, text.max_position_embeddings)
+        self.vocab, self.chunk = vocab, chunk
         self.shadows: dict[int, Sequence] = {}  # the target sequence's id → the draft's view of it
 
     def propose(self, wanted: list[tuple[Sequence, int]]) -> None:
@@ -136,10 +148,22 @@ class DraftModel:
                 shadow = Sequence(seq.seq_id, seq.request_id, seq.index, seq.prompt, seq.params, seq.arrival)
                 self.shadows[seq.seq_id] = shadow
             shadow.output = seq.output  # the same list: what the target keeps, the draft sees
-            shadow.num_computed = min(shadow.num_computed, seq.num_computed)  # its guesses past that are gone
             shadow.draft = []
             live.append((seq, shadow, k))
         stuck: set[int] = set()  # the draft's cache had no room for more of these
+        while behind := [
+            s for _, s, _ in live if len(s) - s.num_computed > self.chunk and s.seq_id not in stuck
+        ]:
+            items = []
+            for shadow in behind:  # a long backlog (a prompt) in chunks, all but the last
+                if self.blocks.allocate(shadow, self.chunk):
+                    items.append((shadow, self.chunk))
+                else:
+                    stuck.add(shadow.seq_id)
+            if items:
+                self.runner.run(items)
+                for shadow, n in items:
+                    shadow.num_computed += n
         for _ in range(max((k for _, _, k in live), default=0)):
             items = []
             for _, shadow, k in live:
@@ -155,7 +179,11 @@ class DraftModel:
             logits = self.runner.run(items)
             for (shadow, n), row in zip(items, logits, strict=True):
                 shadow.num_computed += n
-                shadow.draft.append(int(torch.argmax(row)))
+                guess = int(torch.argmax(row))
+                if guess < self.vocab:
+                    shadow.draft.append(guess)
+                else:  # a token the target does not have (a wider padded vocabulary): stop there
+                    stuck.add(shadow.seq_id)
         for seq, shadow, _ in live:
             seq.draft = list(shadow.draft)
 
@@ -165,7 +193,14 @@ class DraftModel:
         if shadow is not None:
             self.blocks.release(shadow)
 
-    def release_except(self, running: set[int]) -> None:
-        """Frees the cache of every sequence that is no longer running (preempted, since)."""
-        for seq_id in [s for s in self.shadows if s not in running]:
-            self.release(seq_id)
+    def sync(self, running: list[Sequence]) -> None:
+        """Each step, before proposing: the draft's view of every running sequence rolled back to the
+        tokens the target kept (its guesses past them are gone), and the cache of every sequence no
+        longer running (preempted) freed."""
+        current = {seq.seq_id: seq for seq in running}
+        for seq_id, shadow in list(self.shadows.items()):
+            seq = current.get(seq_id)
+            if seq is None:
+                self.release(seq_id)
+            else:
+                shadow.num_computed = min(shadow.num_computed, seq.num_computed)
