@@ -53,24 +53,24 @@ def test_chat_answers_each_turn_and_exits(tiny_text: Path) -> None:
     assert done.stdout.count("> ") >= 2
 
 
-@pytest.mark.parametrize(
-    ("damage", "expected"),
-    [
-        ("missing", "no such"),
-        ("truncated", "model.safetensors"),
-        ("architecture", "architecture"),
-        ("tokenizer", "tokenizer"),
-        ("not_an_image", "not a readable image"),
-    ],
-)
-def test_bad_files_give_one_clear_line(tiny_text: Path, tmp_path: Path, damage: str, expected: str) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
+DAMAGES = {
+    "missing": "no such",
+    "truncated": "model.safetensors",
+    "architecture": "architecture",
+    "tokenizer": "tokenizer",
+    "not_an_image": "not a readable image",
+}
+
+
+def damaged(tiny_text: Path, folder: Path, damage: str) -> list[str]:
+    """A copy of the tiny model with one thing wrong; the `levante generate` arguments that meet it."""
+    model = folder / "model"
+    model.mkdir(parents=True)
     for f in tiny_text.iterdir():
         (model / f.name).write_bytes(f.read_bytes())
     extra: list[str] = []
     if damage == "missing":
-        model = tmp_path / "nowhere"
+        model = folder / "nowhere"
     elif damage == "truncated":
         weights = model / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:5000])
@@ -80,10 +80,34 @@ def test_bad_files_give_one_clear_line(tiny_text: Path, tmp_path: Path, damage: 
     elif damage == "tokenizer":
         (model / "tekken.json").unlink()
     else:
-        fake = tmp_path / "photo.png"
+        fake = folder / "photo.png"
         fake.write_text("this is text, not pixels")
         extra = ["--image", str(fake)]
-    done = levante("generate", "--model", str(model), "--prompt", "hi", *extra)
-    assert done.returncode == 1
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0].lower(), done.stderr
+    return ["generate", "--model", str(model), "--prompt", "hi", *extra]
+
+
+@pytest.fixture(scope="module")
+def damaged_runs(tiny_text: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """Every damaged model's run started at once (each is mostly Python starting up, so on two
+    cores they overlap): exit status and stderr of each."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    running = {}
+    for damage in DAMAGES:
+        args = damaged(tiny_text, tmp_path_factory.mktemp(damage), damage)
+        running[damage] = subprocess.Popen(
+            [sys.executable, "-m", "levante.cli", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    stderr = {damage: proc.communicate(timeout=300)[1] for damage, proc in running.items()}
+    return {damage: (proc.returncode, stderr[damage]) for damage, proc in running.items()}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_bad_files_give_one_clear_line(damaged_runs: dict[str, tuple[int, str]], damage: str) -> None:
+    status, stderr = damaged_runs[damage]
+    assert status == 1
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and DAMAGES[damage] in lines[0].lower(), stderr

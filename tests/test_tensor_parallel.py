@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -186,12 +187,16 @@ def test_served_with_tensor_parallel_2(tiny_mistral: Path, tiny_tp1: LLM, tmp_pa
             )
             for n in (GREEDY.max_tokens, longer.max_tokens)
         ]
+        with urllib.request.urlopen(f"{server.url}/metrics") as resp:
+            metrics = resp.read().decode()
     text = log.read_text()
     assert server.proc.returncode == 0 and "Traceback" not in text, text[-3000:]
     expected = [tiny_tp1.generate([messages], p)[0].outputs[0].text for p in (GREEDY, longer)]
     assert [a.choices[0].message.content for a in answers] == expected
     checked = [int(n) for n in re.findall(r"spec_accepted=\d+/(\d+)", text)]
     assert sum(checked) > 0, text[-3000:]  # both ranks ran steps with proposals in them
+    counted = re.search(r"^levante:spec_decode_num_draft_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)
+    assert counted is not None and float(counted[1]) == sum(checked)  # vLLM's names, in /metrics
     share = r"rank (\d) of 2 holds \d+ of the model's \d+ parameters: (\d+) of the (\d+) sharded"
     assert len(re.findall(r"compiled the step in", text)) == 2, text[-3000:]
     held = re.findall(share, text)
