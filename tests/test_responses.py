@@ -520,9 +520,11 @@ def test_a_space_uses_the_mcp_servers_it_enables(served: Served, browser: Browse
     noted = ask(ana, "@tiny /remember that we ship on Friday")  # answered in the loop, then on
     expect(noted).to_have_attribute("data-status", "done", timeout=60_000)
     expect(noted.locator("[data-testid=message-meta]")).to_contain_text("used remember")
-    (note,) = api(url, f"/web/api/spaces/{space}", served.key)[1]["notes"]
-    assert note["status"] == "proposed" and note["author"] == "tiny" and 0 < len(note["text"]) <= 200
-    expect(ben.page.locator("[data-testid=note][data-status=proposed]")).to_have_count(1)
+    notes = api(url, f"/web/api/spaces/{space}", served.key)[1]["notes"]  # the random model may
+    assert notes and all(  # call remember again once it is free to
+        n["status"] == "proposed" and n["author"] == "tiny" and 0 < len(n["text"]) <= 200 for n in notes
+    )
+    expect(ben.page.locator("[data-testid=note][data-status=proposed]")).to_have_count(len(notes))
     with sqlite3.connect(served.db) as conn:  # the note's round, then the answer reading "proposed…"
         assert (
             conn.execute("SELECT COUNT(*) FROM requests WHERE endpoint = 'space'").fetchone()[0]
