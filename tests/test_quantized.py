@@ -128,6 +128,22 @@ def _assert_matmul(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) ->
         )
     else:
         assert torch.equal(stacked, alone)
+    # laid out for loads by pack_quant (where this build has a layout for the type): the same bits,
+    # its 16-row groups stacked with raw blocks' rows
+    whole = blocks.shape[0] // 16 * 16
+    packed = kernels.pack_quant(blocks[:whole], qtype)
+    assert (packed.dim() == 3) == _packs(qtype), packed.shape
+    for m in (1, 5, 16, 70):
+        got = kernels.quant_linear(x[-m:], [packed, blocks[whole:]], [qtype, qtype], k)
+        assert torch.equal(got, full[-m:]), m
+
+
+def _packs(qtype: int) -> bool:
+    """Whether this build has a load-friendly layout for the type: AVX-512 code (the machine's own
+    where it has AVX-512, or a forced AVX-512 build) and a type it decodes 16 rows at a time."""
+    flags = Path("/proc/cpuinfo").read_text()
+    avx512 = " avx512f" in flags and not kernels.target()[0].startswith(("avx2", "x86_64"))
+    return avx512 and qtype != Q.Q5_K
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -234,7 +250,7 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_as_its_dequan
 
 @pytest.mark.parametrize(
     ("call", "message"),
-    ids=["type", "types", "row-bytes", "features", "dtype", "blocks"],
+    ids=["type", "types", "row-bytes", "features", "dtype", "blocks", "pack-rows", "packed-shape"],
     argvalues=[
         (
             lambda b: kernels.quant_linear(torch.randn(2, 512), [b], [7], 512),
@@ -254,6 +270,14 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_as_its_dequan
             "float32 or bfloat16",
         ),
         (lambda b: kernels.dequantize(b.float(), int(Q.Q4_0), 512, torch.float32), "dense uint8"),
+        (
+            lambda b: torch.ops.levante.pack_quant(b, int(Q.Q4_0)),
+            "rows must be a multiple of 16|not packed in this build",
+        ),
+        (
+            lambda b: kernels.quant_linear(torch.randn(2, 512), [b.view(1, 4, -1)], [int(Q.Q4_0)], 512),
+            r"packed weights must be dense uint8 \[rows / 16, 16, 320\]|not packed in this build",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_with_the_reason(

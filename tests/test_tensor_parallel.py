@@ -22,6 +22,7 @@ from servers import running
 
 from levante.distributed import tensor_parallel
 from levante.engine import LLM, EngineConfig, SamplingParams
+from levante.engine.linears import PackedQuantLinear
 from levante.model import build_model
 from levante.model.quantized import QuantLinear
 
@@ -54,7 +55,7 @@ def probe(llm: LLM, with_image: bool) -> dict:
     results = llm.generate(prompts(with_image), GREEDY)
     hook.remove()
     layers = llm.engine.model.decoder.layers
-    quantized = sum(isinstance(m, QuantLinear) for m in layers.modules())
+    quantized = sum(isinstance(m, (QuantLinear, PackedQuantLinear)) for m in layers.modules())
     return {"tokens": [r.outputs[0].token_ids for r in results], "logits": logits, "quantized": quantized}
 
 

@@ -6,7 +6,8 @@ Batch-invariant mode puts every decoder projection and the LM head on Levante's 
 whatever else is in the batch. The
 library kernels are not: MKL (float32) and oneDNN (bfloat16) choose blockings by the number of
 rows, and measured here even a row's place within the same batch size changes its bits. Without
-the mode, bfloat16 weights on CPU are packed for oneDNN once instead of on every call."""
+the mode, bfloat16 weights on CPU are packed for oneDNN once instead of on every call. GGUF blocks
+are laid out once for their kernel's loads in either mode (`PackedQuantLinear`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from levante import kernels
 from levante.model import Model
 from levante.model.layers import PackedLinear, RMSNorm, pack_linears
+from levante.model.quantized import QuantLinear
 
 
 class KernelLinear(nn.Module):
@@ -30,6 +32,26 @@ class KernelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.out_features)
+
+
+class PackedQuantLinear(nn.Module):
+    """A `QuantLinear` over its blocks laid out once by `kernels.pack_quant` (16 rows' words per
+    cache line: loads, not gathers, in decode). The same codes, so the same bits; the raw blocks
+    stay with the `QuantLinear` (a tied embedding keeps its own)."""
+
+    def __init__(self, linear: QuantLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.qtypes = linear.qtypes
+        first = 0
+        for i, w in enumerate(linear.weights):  # packed rows come in whole groups of 16
+            packs = first % 16 == 0
+            self.register_buffer(f"blocks{i}", kernels.pack_quant(w.blocks, w.qtype) if packs else w.blocks)
+            first += w.blocks.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = [getattr(self, f"blocks{i}") for i in range(len(self.qtypes))]
+        return kernels.quant_linear(x, blocks, self.qtypes, self.in_features)
 
 
 class KernelRMSNorm(nn.Module):
@@ -55,6 +77,10 @@ def use_linear_kernels(model: Model, batch_invariant: bool) -> bool:
     its gather stays its own."""
     weight = model.decoder.norm.weight
     on_cpu = weight.device.type == "cpu"
+    if on_cpu and kernels.load():  # GGUF blocks: their kernel is batch-invariant in either mode
+        for parent, name, child in _children(model.decoder):
+            if isinstance(child, QuantLinear):
+                setattr(parent, name, PackedQuantLinear(child))
     if batch_invariant and on_cpu and weight.dtype in (torch.float32, torch.bfloat16) and kernels.load():
         for parent, name, child in _children(model.decoder):
             if isinstance(child, PackedLinear):

@@ -91,7 +91,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("levante::quant_linear")
     def _(x: torch.Tensor, blocks: list[torch.Tensor], types: list[int], in_features: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], sum(b.shape[0] for b in blocks))
+        rows = sum(b.shape[0] * 16 if b.dim() == 3 else b.shape[0] for b in blocks)  # dim 3: pack_quant's
+        return x.new_empty(x.shape[0], rows)
 
     @torch.library.register_fake("levante::rms_norm")
     def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -116,9 +117,20 @@ def quant_linear(
     x: torch.Tensor, blocks: list[torch.Tensor], qtypes: list[int], in_features: int
 ) -> torch.Tensor:
     """x·wᵀ where w [N, in_features] is the rows of `blocks` stacked, each GGUF blocks of its ggml
-    type in `qtypes` ([rows, bytes per row] uint8), by integer dot products with x rounded to int8
-    per 32 values (llama.cpp's arithmetic; see csrc/quant.cpp): a row's bits depend on it alone."""
+    type in `qtypes` ([rows, bytes per row] uint8, or as `pack_quant` lays them), by integer dot
+    products with x rounded to int8 per 32 values (llama.cpp's arithmetic; see csrc/quant.cpp): a
+    row's bits depend on it alone."""
     return torch.ops.levante.quant_linear(x, blocks, qtypes, in_features)
+
+
+def pack_quant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """GGUF blocks in the layout `quant_linear` reads fastest where this build has one for the type
+    (AVX-512; rows a multiple of 16): each word of 16 rows' blocks in one 64-byte line, so decode
+    loads what it would otherwise gather row by row. Elsewhere the blocks themselves. The same
+    codes and scales either way, so the same bits."""
+    if blocks.shape[0] % 16 == 0 and torch.ops.levante.quant_packable(qtype):
+        return torch.ops.levante.pack_quant(blocks.contiguous(), qtype)
+    return blocks
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

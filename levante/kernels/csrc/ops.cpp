@@ -6,6 +6,7 @@ TORCH_LIBRARY(levante, m) {
   m.def("linear(Tensor x, Tensor weight, int out_features) -> Tensor");
   m.def("pack_linear(Tensor weight) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor[] blocks, int[] types, int in_features) -> Tensor");
+  m.def("pack_quant(Tensor blocks, int type) -> Tensor");
   m.def("dequantize(Tensor blocks, int type, Tensor(a!) out) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def(

@@ -51,6 +51,13 @@ Format format(int64_t type) {
   }
 }
 
+// A packed block's bytes: Q4_0's and Q8_0's codes moved past a 2-byte pad after the scale, Q6_K
+// padded to a whole word; the other types' fields already start on words.
+int64_t block_bytes(int64_t type, bool packed) {
+  const int64_t raw = format(type).bytes;
+  return packed && (type == Q4_0 || type == Q8_0 || type == Q6_K) ? raw + 2 : raw;
+}
+
 inline float half(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
@@ -154,6 +161,7 @@ struct Weights {
   struct Part {
     const uint8_t* data;
     int64_t rows, row_bytes, type;
+    bool packed = false;  // by pack_quant: row_bytes is then the bytes of 16 rows
   };
   std::vector<Part> parts;
 
@@ -323,11 +331,21 @@ void interleave(const uint8_t* rows, int64_t ld, int64_t E, uint8_t* out) {
 // (one gather: lane r reads row r), with their parameters computed for 16 rows at once: the same
 // codes and the same float operations as `unpack`, without a pass over each row and a transpose.
 struct RowWords {
+  static constexpr bool packed = false;
   const uint8_t* base;
   __m512i starts;  // each lane's row, in bytes from base
   __m512i at(int64_t offset) const {
     return _mm512_i32gather_epi32(_mm512_add_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(offset))), base, 1);
   }
+};
+
+// The same words of 16 rows repacked by pack_quant (one 64-byte line per word, lane r: row r): a
+// plain load where RowWords gathers. Offsets are into the packed block (`block_bytes`), where
+// every field starts on a word.
+struct PackedWords {
+  static constexpr bool packed = true;
+  const uint8_t* base;
+  __m512i at(int64_t offset) const { return _mm512_loadu_si512(base + offset * 16); }
 };
 
 inline __m512i bits(__m512i w, int shift, int32_t mask) {
@@ -343,23 +361,28 @@ bool lanes_type(int64_t type) {
          type == Q4_1_G128;
 }
 
-// Rows [first, first + rows) of a part, one per lane (past its last row: the last row again).
-RowWords row_words(const Weights::Part& part, int64_t first, int64_t rows) {
+// Rows [first, first + rows) of a part, one per lane (past its last row: the last row again), to f
+// as RowWords or, where the part is packed (rows then 16, first a multiple of 16), PackedWords.
+template <typename F>
+void with_words(const Weights::Part& part, int64_t first, int64_t rows, F&& f) {
+  if (part.packed) return f(PackedWords{part.data + first / kGroup * part.row_bytes});
   const __m512i starts = _mm512_min_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int32_t>(rows - 1)));
-  return {part.data + first * part.row_bytes,
-          _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))};
+  f(RowWords{part.data + first * part.row_bytes,
+             _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))});
 }
 
 // Blocks [kb0, kb1) of the rows w reads, of a type lanes_type takes → g (from its start,
 // g.first = kb0's first chunk).
-void unpack_lanes(int64_t type, const RowWords& w, int64_t kb0, int64_t kb1, Group& g) {
+template <typename W>
+void unpack_lanes(int64_t type, const W& w, int64_t kb0, int64_t kb1, Group& g) {
   const Format f = format(type);
   const __m512i low4 = _mm512_set1_epi32(0x0f0f0f0f);
   g.scales = type == Q6_K, g.first = kb0 * f.elements / 32;
+  const int64_t codes_at = W::packed ? 4 : 2;  // Q4_0's and Q8_0's codes, after the scale
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     // the block's first byte, and its first chunk and codes in g
-    const int64_t at = kb * f.bytes, c0 = (kb - kb0) * f.elements / 32;
+    const int64_t at = kb * block_bytes(type, W::packed), c0 = (kb - kb0) * f.elements / 32;
     uint8_t* codes = g.codes.get() + c0 * 32 * kGroup;  // 64 bytes per 4 weights of 16 rows
     float *D = g.D0.get() + c0 * kGroup, *Mn = g.Mn0.get() + c0 * kGroup;
     switch (type) {
@@ -369,7 +392,7 @@ void unpack_lanes(int64_t type, const RowWords& w, int64_t kb0, int64_t kb1, Gro
         _mm512_storeu_ps(D, d);
         _mm512_storeu_ps(Mn, _mm512_mul_ps(d, _mm512_set1_ps(type == Q8_0 ? -128.f : -8.f)));  // the offset
         for (int t = 0; t < (type == Q8_0 ? 8 : 4); ++t) {
-          const __m512i raw = w.at(at + 2 + 4 * t);
+          const __m512i raw = w.at(at + codes_at + 4 * t);
           if (type == Q8_0) {
             put(codes + t * 64, _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0x80808080))));
           } else {
@@ -420,7 +443,8 @@ void unpack_lanes(int64_t type, const RowWords& w, int64_t kb0, int64_t kb1, Gro
         break;
       }
       case Q6_K: {
-        const __m512 d = fp16_at(w.at(at + 206), 16);  // bytes 208-209, read without passing the block
+        // bytes 208-209, read without passing the block (packed: the word before the pad)
+        const __m512 d = W::packed ? fp16_at(w.at(at + 208), 0) : fp16_at(w.at(at + 206), 16);
         for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: the halves of chunks 2s and 2s + 1
           const __m512i word = w.at(at + 192 + 4 * s);
           for (int h = 0; h < 4; ++h) {
@@ -456,8 +480,10 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
 #if defined(__AVX512F__)
   const auto [part, first] = w.locate(n0);
   const int64_t rows = std::min(kGroup, N - n0);
-  if (first + rows <= part->rows && lanes_type(part->type))
-    return unpack_lanes(part->type, row_words(*part, first, rows), 0, K / format(part->type).elements, g);
+  if (first + rows <= part->rows && lanes_type(part->type))  // every packed part
+    return with_words(*part, first, rows, [&](const auto& words) {
+      unpack_lanes(part->type, words, 0, K / format(part->type).elements, g);
+    });
 #endif
   g.scales = false, g.first = 0;
   constexpr int64_t kSpan = 256;  // weights unpacked per row before interleaving: every block type's size
@@ -573,15 +599,14 @@ vf (&rows_at(vf (*acc)[kVectors], int64_t m))[R][kVectors] {
 // (`block`, one block's Group) instead of through a whole row's Group, so reading the weights
 // overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
 // same order, as dot_rows: the same bits.
-template <bool Scales, typename T>
-void dot_streamed(const Weights::Part& part, int64_t first, int64_t rows, const QuantizedX& xq, int64_t M, int64_t K,
-                  T* y, int64_t N, int64_t n0, Group& block) {
-  const int64_t per = format(part.type).elements / 32;  // chunks per block
-  const RowWords w = row_words(part, first, rows);
+template <bool Scales, typename W, typename T>
+void dot_streamed(int64_t type, const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0,
+                  Group& block) {
+  const int64_t per = format(type).elements / 32;  // chunks per block
   vf acc[kStream][kVectors];
   zero(rows_at<kStream>(acc, 0));
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
-    unpack_lanes(part.type, w, kb, kb + 1, block);
+    unpack_lanes(type, w, kb, kb + 1, block);
     const int64_t b0 = kb * per, b1 = b0 + per;
     int64_t m = 0;
     for (; m + kRows <= M; m += kRows) dot_chunks<kRows, Scales>(block, xq, m, K, b0, b1, rows_at<kRows>(acc, m));
@@ -605,7 +630,11 @@ bool stream_group(const Weights& w, const QuantizedX& xq, int64_t M, int64_t K, 
   const auto [part, first] = w.locate(n0);
   const int64_t rows = std::min(kGroup, N - n0);
   if (M >= kStream || first + rows > part->rows || !lanes_type(part->type)) return false;
-  (part->type == Q6_K ? dot_streamed<true, T> : dot_streamed<false, T>)(*part, first, rows, xq, M, K, y, N, n0, block);
+  with_words(*part, first, rows, [&](const auto& words) {
+    using W = std::decay_t<decltype(words)>;
+    (part->type == Q6_K ? dot_streamed<true, W, T> : dot_streamed<false, W, T>)(part->type, words, xq, M, K, y, N,
+                                                                                 n0, block);
+  });
   return true;
 #else
   return false;
@@ -719,15 +748,73 @@ void check(const at::Tensor& blocks, int64_t type, int64_t K) {
               blocks.size(1), " bytes does not hold ", K, " weights of GGUF type ", type);
 }
 
+// Whether pack_quant takes this type: the types unpack_lanes reads, in an AVX-512 build.
+bool quant_packable(int64_t type) {
+#if defined(__AVX512F__)
+  return lanes_type(type);
+#else
+  (void)type;
+  return false;
+#endif
+}
+
+void check_packed(const at::Tensor& packed, int64_t type, int64_t K) {
+  TORCH_CHECK(quant_packable(type), "levante: GGUF type ", type, " is not packed in this build");
+  const Format f = format(type);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && K % f.elements == 0 &&
+                  packed.size(1) == K / f.elements && packed.size(2) == kGroup * block_bytes(type, true),
+              "levante: packed weights must be dense uint8 [rows / 16, ", K / f.elements, ", ",
+              kGroup * block_bytes(type, true), "]");
+}
+
+// Raw blocks [N, bytes per row] (N a multiple of 16) → [N / 16, blocks per row, 16 · packed block]:
+// per 16 rows and block, word w of the packed block (block_bytes: fields moved to start on words)
+// of every row in one 64-byte line, lane r row r; so decode reads 16 rows' words by a plain load,
+// not a gather. The same codes and scales, so the same bits.
+at::Tensor pack_quant(const at::Tensor& blocks, int64_t type) {
+  TORCH_CHECK(quant_packable(type), "levante::pack_quant: GGUF type ", type, " is not packed in this build");
+  const Format f = format(type);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.size(0) % kGroup == 0, "levante::pack_quant: rows must be a multiple of ",
+              kGroup);
+  check(blocks, type, blocks.size(1) / f.bytes * f.elements);
+  const int64_t groups = blocks.size(0) / kGroup, nb = blocks.size(1) / f.bytes, pb = block_bytes(type, true);
+  const int64_t lead = pb == f.bytes || type == Q6_K ? 0 : 2;  // Q4_0/Q8_0: the pad after the 2-byte scale
+  at::Tensor out = at::zeros({groups, nb, kGroup * pb}, blocks.options());
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
+    for (int64_t g = first; g < last; ++g)
+      for (int64_t kb = 0; kb < nb; ++kb) {
+        uint8_t* block = dst + (g * nb + kb) * kGroup * pb;
+        for (int64_t r = 0; r < kGroup; ++r) {
+          const uint8_t* row = src + (g * kGroup + r) * blocks.size(1) + kb * f.bytes;
+          for (int64_t j = 0; j < f.bytes; ++j) {
+            const int64_t at = j < 2 ? j : j + lead;  // in the packed block
+            block[at / 4 * 64 + r * 4 + at % 4] = row[j];
+          }
+        }
+      }
+  });
+  return out;
+}
+
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
   TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "levante::quant_linear: one type per tensor");
   const int64_t K = in_features;
   Weights w;
   int64_t N = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
-    check(blocks[i], types[i], K);
-    w.parts.push_back({blocks[i].data_ptr<uint8_t>(), blocks[i].size(0), blocks[i].size(1), types[i]});
-    N += blocks[i].size(0);
+    if (blocks[i].dim() == 3) {  // packed by pack_quant: [rows / 16, blocks per row, 16 · packed block]
+      check_packed(blocks[i], types[i], K);
+      TORCH_CHECK(N % kGroup == 0, "levante::quant_linear: packed weights must start on a row that is a multiple of ",
+                  kGroup, ", not ", N);
+      w.parts.push_back({blocks[i].data_ptr<uint8_t>(), blocks[i].size(0) * kGroup,
+                         blocks[i].size(1) * blocks[i].size(2), types[i], true});
+    } else {
+      check(blocks[i], types[i], K);
+      w.parts.push_back({blocks[i].data_ptr<uint8_t>(), blocks[i].size(0), blocks[i].size(1), types[i]});
+    }
+    N += w.parts.back().rows;
   }
   TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
   auto [rows, y, shape] = as_rows(x, K, N);
@@ -771,4 +858,6 @@ void dequantize(const at::Tensor& blocks, int64_t type, at::Tensor& out) {
 TORCH_LIBRARY_IMPL(levante, CPU, m) {
   m.impl("quant_linear", &levante::quant_linear);
   m.impl("dequantize", &levante::dequantize);
+  m.impl("pack_quant", &levante::pack_quant);
 }
+TORCH_LIBRARY_FRAGMENT(levante, m) { m.def("quant_packable(int type) -> bool", &levante::quant_packable); }
