@@ -37,7 +37,10 @@ struct Format {
   int64_t elements, bytes;  // per block
 };
 
-Format format(int64_t type) {
+[[noreturn]] void unsupported(int64_t type) { TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type); }
+
+// constexpr, so the kernels templated on a type unroll their loops over its chunks
+constexpr Format format(int64_t type) {
   switch (type) {
     case Q4_0: return {32, 18};
     case Q4_1: return {32, 20};
@@ -47,13 +50,13 @@ Format format(int64_t type) {
     case Q6_K: return {256, 210};
     case Q4_1_G64: return {64, 36};
     case Q4_1_G128: return {128, 68};
-    default: TORCH_CHECK(false, "levante: unsupported GGUF quantization type ", type);
+    default: unsupported(type);
   }
 }
 
 // A packed block's bytes: Q4_0's and Q8_0's codes moved past a 2-byte pad after the scale, Q6_K
 // padded to a whole word; the other types' fields already start on words.
-int64_t block_bytes(int64_t type, bool packed) {
+constexpr int64_t block_bytes(int64_t type, bool packed) {
   const int64_t raw = format(type).bytes;
   return packed && (type == Q4_0 || type == Q8_0 || type == Q6_K) ? raw + 2 : raw;
 }
@@ -372,106 +375,134 @@ void with_words(const Weights::Part& part, int64_t first, int64_t rows, F&& f) {
              _mm512_mullo_epi32(starts, _mm512_set1_epi32(static_cast<int32_t>(part.row_bytes)))});
 }
 
-// Blocks [kb0, kb1) of the rows w reads, of a type lanes_type takes → g (from its start,
-// g.first = kb0's first chunk).
-template <typename W>
-void unpack_lanes(int64_t type, const W& w, int64_t kb0, int64_t kb1, Group& g) {
-  const Format f = format(type);
+// Where `lanes` puts a block's codes (chunk c's 4-weight word t of 16 rows) and the factors of
+// each chunk's sums (half h: Q6_K's second 16 weights; 0 elsewhere).
+struct ToGroup {  // into a Group, which dot_chunks reads back for each 4 rows of x
+  Group& g;
+  void codes(int64_t c, int t, __m512i v) const { put(g.codes.get() + (c * 8 + t) * 64, v); }
+  void factors(int64_t c, int h, __m512 d, __m512 mn) const {
+    _mm512_storeu_ps((h ? g.D1 : g.D0).get() + c * kGroup, d);
+    _mm512_storeu_ps((h ? g.Mn1 : g.Mn0).get() + c * kGroup, mn);
+  }
+};
+
+// Blocks [kb0, kb1) of the rows w reads, of type Type (one lanes_type takes) → out, chunks
+// numbered from kb0's first. The loops are unrolled so that a sink holding its sums in registers
+// (OneRow) keeps them there.
+template <int64_t Type, typename W, typename Sink>
+inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_t kb1, Sink& out) {
+  constexpr Format f = format(Type);
   const __m512i low4 = _mm512_set1_epi32(0x0f0f0f0f);
-  g.scales = type == Q6_K, g.first = kb0 * f.elements / 32;
-  const int64_t codes_at = W::packed ? 4 : 2;  // Q4_0's and Q8_0's codes, after the scale
+  constexpr int64_t codes_at = W::packed ? 4 : 2;  // Q4_0's and Q8_0's codes, after the scale
   for (int64_t kb = kb0; kb < kb1; ++kb) {
-    // the block's first byte, and its first chunk and codes in g
-    const int64_t at = kb * block_bytes(type, W::packed), c0 = (kb - kb0) * f.elements / 32;
-    uint8_t* codes = g.codes.get() + c0 * 32 * kGroup;  // 64 bytes per 4 weights of 16 rows
-    float *D = g.D0.get() + c0 * kGroup, *Mn = g.Mn0.get() + c0 * kGroup;
-    switch (type) {
-      case Q4_0:
-      case Q8_0: {
-        const __m512 d = fp16_at(w.at(at), 0);
-        _mm512_storeu_ps(D, d);
-        _mm512_storeu_ps(Mn, _mm512_mul_ps(d, _mm512_set1_ps(type == Q8_0 ? -128.f : -8.f)));  // the offset
-        for (int t = 0; t < (type == Q8_0 ? 8 : 4); ++t) {
-          const __m512i raw = w.at(at + codes_at + 4 * t);
-          if (type == Q8_0) {
-            put(codes + t * 64, _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0x80808080))));
-          } else {
-            put(codes + t * 64, _mm512_and_si512(raw, low4));
-            put(codes + (t + 4) * 64, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
-          }
+    // the block's first byte, and its first chunk
+    const int64_t at = kb * block_bytes(Type, W::packed), c0 = (kb - kb0) * f.elements / 32;
+    if constexpr (Type == Q4_0 || Type == Q8_0) {
+      const __m512 d = fp16_at(w.at(at), 0);
+      out.factors(c0, 0, d, _mm512_mul_ps(d, _mm512_set1_ps(Type == Q8_0 ? -128.f : -8.f)));  // the offset
+#pragma GCC unroll 8
+      for (int t = 0; t < (Type == Q8_0 ? 8 : 4); ++t) {
+        const __m512i raw = w.at(at + codes_at + 4 * t);
+        if constexpr (Type == Q8_0) {
+          out.codes(c0, t, _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0x80808080))));
+        } else {
+          out.codes(c0, t, _mm512_and_si512(raw, low4));
+          out.codes(c0, t + 4, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
         }
-        break;
       }
-      case Q4_1:
-      case Q4_1_G64:
-      case Q4_1_G128: {
-        const __m512i head = w.at(at);
-        const __m512 d = fp16_at(head, 0), m = fp16_at(head, 16);
-        for (int64_t c = 0; c < f.elements / 32; ++c) {
-          _mm512_storeu_ps(D + c * kGroup, d);
-          _mm512_storeu_ps(Mn + c * kGroup, m);
-          for (int t = 0; t < 4; ++t) {
-            const __m512i raw = w.at(at + 4 + 16 * c + 4 * t);
-            put(codes + (c * 8 + t) * 64, _mm512_and_si512(raw, low4));
-            put(codes + (c * 8 + t + 4) * 64, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
-          }
+    } else if constexpr (Type == Q4_1 || Type == Q4_1_G64 || Type == Q4_1_G128) {
+      const __m512i head = w.at(at);
+      const __m512 d = fp16_at(head, 0), m = fp16_at(head, 16);
+#pragma GCC unroll 4
+      for (int64_t c = 0; c < f.elements / 32; ++c) {
+        out.factors(c0 + c, 0, d, m);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) {
+          const __m512i raw = w.at(at + 4 + 16 * c + 4 * t);
+          out.codes(c0 + c, t, _mm512_and_si512(raw, low4));
+          out.codes(c0 + c, t + 4, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
         }
-        break;
       }
-      case Q4_K: {
-        const __m512i head = w.at(at), s0 = w.at(at + 4), s1 = w.at(at + 8), s2 = w.at(at + 12);
-        const __m512 d = fp16_at(head, 0), dmin = fp16_at(head, 16);
-        for (int j = 0; j < 4; ++j) {  // scale_min's two cases, for sub-blocks j and j + 4
-          const __m512i b0 = bits(s0, 8 * j, 255), b1 = bits(s1, 8 * j, 255), b2 = bits(s2, 8 * j, 255);
-          const __m512i sc[2] = {_mm512_and_si512(b0, _mm512_set1_epi32(63)),
-                                 _mm512_or_si512(_mm512_and_si512(b2, _mm512_set1_epi32(15)),
-                                                 _mm512_slli_epi32(_mm512_srli_epi32(b0, 6), 4))};
-          const __m512i mn[2] = {_mm512_and_si512(b1, _mm512_set1_epi32(63)),
-                                 _mm512_or_si512(_mm512_srli_epi32(b2, 4), _mm512_slli_epi32(_mm512_srli_epi32(b1, 6), 4))};
-          for (int h = 0; h < 2; ++h) {
-            _mm512_storeu_ps(D + (j + 4 * h) * kGroup, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc[h])));
-            _mm512_storeu_ps(Mn + (j + 4 * h) * kGroup,
-                             _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn[h]))));
-          }
-        }
-        for (int p = 0; p < 4; ++p)  // 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high
-          for (int t = 0; t < 8; ++t) {
-            const __m512i raw = w.at(at + 16 + 32 * p + 4 * t);
-            put(codes + (2 * p * 8 + t) * 64, _mm512_and_si512(raw, low4));
-            put(codes + ((2 * p + 1) * 8 + t) * 64, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
-          }
-        break;
-      }
-      case Q6_K: {
-        // bytes 208-209, read without passing the block (packed: the word before the pad)
-        const __m512 d = W::packed ? fp16_at(w.at(at + 208), 0) : fp16_at(w.at(at + 206), 16);
-        for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: the halves of chunks 2s and 2s + 1
-          const __m512i word = w.at(at + 192 + 4 * s);
-          for (int h = 0; h < 4; ++h) {
-            const int64_t at_chunk = (c0 + 2 * s + h / 2) * kGroup;
-            const __m512 dh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * h), 24)));
-            _mm512_storeu_ps((h % 2 ? g.D1 : g.D0).get() + at_chunk, dh);
-            _mm512_storeu_ps((h % 2 ? g.Mn1 : g.Mn0).get() + at_chunk, _mm512_mul_ps(dh, _mm512_set1_ps(-32.f)));
-          }
-        }
+    } else if constexpr (Type == Q4_K) {
+      const __m512i head = w.at(at), s0 = w.at(at + 4), s1 = w.at(at + 8), s2 = w.at(at + 12);
+      const __m512 d = fp16_at(head, 0), dmin = fp16_at(head, 16);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {  // scale_min's two cases, for sub-blocks j and j + 4
+        const __m512i b0 = bits(s0, 8 * j, 255), b1 = bits(s1, 8 * j, 255), b2 = bits(s2, 8 * j, 255);
+        const __m512i sc[2] = {_mm512_and_si512(b0, _mm512_set1_epi32(63)),
+                               _mm512_or_si512(_mm512_and_si512(b2, _mm512_set1_epi32(15)),
+                                               _mm512_slli_epi32(_mm512_srli_epi32(b0, 6), 4))};
+        const __m512i mn[2] = {_mm512_and_si512(b1, _mm512_set1_epi32(63)),
+                               _mm512_or_si512(_mm512_srli_epi32(b2, 4), _mm512_slli_epi32(_mm512_srli_epi32(b1, 6), 4))};
+#pragma GCC unroll 2
         for (int h = 0; h < 2; ++h)
-          for (int t = 0; t < 8; ++t) {
-            const __m512i hi = w.at(at + 128 + h * 32 + 4 * t);
-            for (int half = 0; half < 2; ++half) {  // ql bytes (r % 2) = half
-              const __m512i lo = w.at(at + h * 64 + half * 32 + 4 * t);
-              for (int shift = 0; shift < 2; ++shift) {  // r / 2
-                const int r = 2 * shift + half, c = 4 * h + r;
-                const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo, 4 * shift), low4),
-                                                  _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * r),
-                                                                                     _mm512_set1_epi32(0x03030303)), 4));
-                put(codes + (c * 8 + t) * 64, q);
-              }
+          out.factors(c0 + j + 4 * h, 0, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc[h])),
+                      _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn[h]))));
+      }
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p)  // 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const __m512i raw = w.at(at + 16 + 32 * p + 4 * t);
+          out.codes(c0 + 2 * p, t, _mm512_and_si512(raw, low4));
+          out.codes(c0 + 2 * p + 1, t, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
+        }
+    } else {
+      static_assert(Type == Q6_K);
+      // bytes 208-209, read without passing the block (packed: the word before the pad)
+      const __m512 d = W::packed ? fp16_at(w.at(at + 208), 0) : fp16_at(w.at(at + 206), 16);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: the halves of chunks 2s and 2s + 1
+        const __m512i word = w.at(at + 192 + 4 * s);
+#pragma GCC unroll 4
+        for (int h = 0; h < 4; ++h) {
+          const __m512 dh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * h), 24)));
+          out.factors(c0 + 2 * s + h / 2, h % 2, dh, _mm512_mul_ps(dh, _mm512_set1_ps(-32.f)));
+        }
+      }
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const __m512i hi = w.at(at + 128 + h * 32 + 4 * t);
+#pragma GCC unroll 2
+          for (int half = 0; half < 2; ++half) {  // ql bytes (r % 2) = half
+            const __m512i lo = w.at(at + h * 64 + half * 32 + 4 * t);
+#pragma GCC unroll 2
+            for (int shift = 0; shift < 2; ++shift) {  // r / 2
+              const int r = 2 * shift + half;
+              const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo, 4 * shift), low4),
+                                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * r),
+                                                                                   _mm512_set1_epi32(0x03030303)), 4));
+              out.codes(c0 + 4 * h + r, t, q);
             }
           }
-        break;
-      }
+        }
     }
   }
+}
+
+// f(std::integral_constant<int64_t, type>{}) for a type lanes_type takes.
+template <typename F>
+void with_lanes_type(int64_t type, F&& f) {
+  switch (type) {
+    case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
+    case Q4_1: return f(std::integral_constant<int64_t, Q4_1>{});
+    case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
+    case Q4_1_G64: return f(std::integral_constant<int64_t, Q4_1_G64>{});
+    case Q4_1_G128: return f(std::integral_constant<int64_t, Q4_1_G128>{});
+    default: TORCH_CHECK(false, "levante: GGUF type ", type, " is not read 16 rows at a time");
+  }
+}
+
+// Blocks [kb0, kb1) of the rows w reads → g (from its start, g.first = kb0's first chunk).
+template <int64_t Type, typename W>
+void unpack_lanes(const W& w, int64_t kb0, int64_t kb1, Group& g) {
+  g.scales = Type == Q6_K, g.first = kb0 * format(Type).elements / 32;
+  ToGroup sink{g};
+  lanes<Type>(w, kb0, kb1, sink);
 }
 #endif
 
@@ -482,7 +513,7 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
   const int64_t rows = std::min(kGroup, N - n0);
   if (first + rows <= part->rows && lanes_type(part->type))  // every packed part
     return with_words(*part, first, rows, [&](const auto& words) {
-      unpack_lanes(part->type, words, 0, K / format(part->type).elements, g);
+      with_lanes_type(part->type, [&](auto type) { unpack_lanes<type()>(words, 0, K / format(type()).elements, g); });
     });
 #endif
   g.scales = false, g.first = 0;
@@ -518,15 +549,23 @@ void unpack_group(const Weights& w, int64_t n0, int64_t N, int64_t K, Group& g, 
 // One chunk's integer sums (per half with Scales; all in t0 otherwise) → acc: the float part,
 // the same for every way of getting the sums.
 template <bool Scales>
-inline vf accumulate(vf acc, iv t0, iv t1, const Group& g, int64_t l, const QuantizedX& xq, int64_t i) {
+inline vf accumulate(vf acc, iv t0, iv t1, vf D0, vf D1, vf Mn0, vf Mn1, const QuantizedX& xq, int64_t i) {
   const vf dx = vset1(xq.d[i]);
-  acc = vfma(tofloat(t0), vmul(vload(g.D0.get() + l), dx), acc);
+  acc = vfma(tofloat(t0), vmul(D0, dx), acc);
   if constexpr (Scales) {
-    acc = vfma(tofloat(t1), vmul(vload(g.D1.get() + l), dx), acc);
-    acc = vfma(vload(g.Mn0.get() + l), vset1(xq.halves[2 * i]), acc);
-    return vfma(vload(g.Mn1.get() + l), vset1(xq.halves[2 * i + 1]), acc);
+    acc = vfma(tofloat(t1), vmul(D1, dx), acc);
+    acc = vfma(Mn0, vset1(xq.halves[2 * i]), acc);
+    return vfma(Mn1, vset1(xq.halves[2 * i + 1]), acc);
   }
-  return vfma(vload(g.Mn0.get() + l), vset1(xq.s[i]), acc);
+  return vfma(Mn0, vset1(xq.s[i]), acc);
+}
+
+// The same, with the factors of a Group's entry l.
+template <bool Scales>
+inline vf accumulate(vf acc, iv t0, iv t1, const Group& g, int64_t l, const QuantizedX& xq, int64_t i) {
+  const vf none = vzero();
+  return accumulate<Scales>(acc, t0, t1, vload(g.D0.get() + l), Scales ? vload(g.D1.get() + l) : none,
+                            vload(g.Mn0.get() + l), Scales ? vload(g.Mn1.get() + l) : none, xq, i);
 }
 
 template <int R, typename T>
@@ -594,19 +633,54 @@ vf (&rows_at(vf (*acc)[kVectors], int64_t m))[R][kVectors] {
 }
 
 #if defined(__AVX512F__)
+// One row of x's integer sums for one block, taken from the codes as `lanes` makes them (all in
+// registers: no round trip through the L1 cache), and the block's factors.
+template <bool Scales>
+struct OneRow {
+  const int8_t* x;  // x's quantized values from the block's first k
+  iv dot[8][2] = {};
+  vf D[8][2], Mn[8][2];
+  void codes(int64_t c, int t, iv v) {
+    int32_t x4;
+    std::memcpy(&x4, x + c * 32 + 4 * t, 4);
+    dot[c][Scales ? t / 4 : 0] = dpbusd(dot[c][Scales ? t / 4 : 0], v, x4);
+  }
+  void factors(int64_t c, int h, vf d, vf mn) { D[c][h] = d, Mn[c][h] = mn; }
+};
+
+// dot_streamed for one row of x (single-stream decode): the same sums and the same float
+// operations in the same order, so the same bits.
+template <int64_t Type, typename W, typename T>
+void dot_one_row(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t N, int64_t n0) {
+  constexpr bool Scales = Type == Q6_K;
+  constexpr int64_t per = format(Type).elements / 32;
+  vf acc[1][kVectors] = {{vzero()}};
+  for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
+    OneRow<Scales> row{xq.q.data() + kb * per * 32};
+    lanes<Type>(w, kb, kb + 1, row);
+#pragma GCC unroll 8
+    for (int64_t c = 0; c < per; ++c)
+      acc[0][0] = accumulate<Scales>(acc[0][0], row.dot[c][0], row.dot[c][1], row.D[c][0],
+                                     Scales ? row.D[c][1] : vzero(), row.Mn[c][0], Scales ? row.Mn[c][1] : vzero(),
+                                     xq, kb * per + c);
+  }
+  store_rows<1>(acc, 0, y, N, n0);
+}
+
 // M < kStream rows of x (decode, a few sequences) times rows [n0, n0 + 16) of one part, a block at
 // a time: each block's codes go from the weights to the dot products through the L1 cache
 // (`block`, one block's Group) instead of through a whole row's Group, so reading the weights
 // overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
 // same order, as dot_rows: the same bits.
-template <bool Scales, typename W, typename T>
-void dot_streamed(int64_t type, const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0,
-                  Group& block) {
-  const int64_t per = format(type).elements / 32;  // chunks per block
+template <int64_t Type, typename W, typename T>
+void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0, Group& block) {
+  constexpr bool Scales = Type == Q6_K;
+  const int64_t per = format(Type).elements / 32;  // chunks per block
+  if (M == 1) return dot_one_row<Type>(w, xq, K, y, N, n0);
   vf acc[kStream][kVectors];
   zero(rows_at<kStream>(acc, 0));
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
-    unpack_lanes(type, w, kb, kb + 1, block);
+    unpack_lanes<Type>(w, kb, kb + 1, block);
     const int64_t b0 = kb * per, b1 = b0 + per;
     int64_t m = 0;
     for (; m + kRows <= M; m += kRows) dot_chunks<kRows, Scales>(block, xq, m, K, b0, b1, rows_at<kRows>(acc, m));
@@ -631,9 +705,7 @@ bool stream_group(const Weights& w, const QuantizedX& xq, int64_t M, int64_t K, 
   const int64_t rows = std::min(kGroup, N - n0);
   if (M >= kStream || first + rows > part->rows || !lanes_type(part->type)) return false;
   with_words(*part, first, rows, [&](const auto& words) {
-    using W = std::decay_t<decltype(words)>;
-    (part->type == Q6_K ? dot_streamed<true, W, T> : dot_streamed<false, W, T>)(part->type, words, xq, M, K, y, N,
-                                                                                 n0, block);
+    with_lanes_type(part->type, [&](auto type) { dot_streamed<type()>(words, xq, M, K, y, N, n0, block); });
   });
   return true;
 #else
@@ -779,7 +851,7 @@ at::Tensor pack_quant(const at::Tensor& blocks, int64_t type) {
   check(blocks, type, blocks.size(1) / f.bytes * f.elements);
   const int64_t groups = blocks.size(0) / kGroup, nb = blocks.size(1) / f.bytes, pb = block_bytes(type, true);
   const int64_t lead = pb == f.bytes || type == Q6_K ? 0 : 2;  // Q4_0/Q8_0: the pad after the 2-byte scale
-  at::Tensor out = at::zeros({groups, nb, kGroup * pb}, blocks.options());
+  at::Tensor out = at::empty({groups, nb, kGroup * pb}, blocks.options());  // every byte written below
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 1, [&](int64_t first, int64_t last) {
@@ -788,10 +860,9 @@ at::Tensor pack_quant(const at::Tensor& blocks, int64_t type) {
         uint8_t* block = dst + (g * nb + kb) * kGroup * pb;
         for (int64_t r = 0; r < kGroup; ++r) {
           const uint8_t* row = src + (g * kGroup + r) * blocks.size(1) + kb * f.bytes;
-          for (int64_t j = 0; j < f.bytes; ++j) {
-            const int64_t at = j < 2 ? j : j + lead;  // in the packed block
-            block[at / 4 * 64 + r * 4 + at % 4] = row[j];
-          }
+          uint8_t laid[256] = {};  // the row's block as the packed block lays it out
+          std::memcpy(laid, row, 2), std::memcpy(laid + 2 + lead, row + 2, f.bytes - 2);
+          for (int64_t w = 0; w < pb / 4; ++w) std::memcpy(block + w * 64 + r * 4, laid + 4 * w, 4);
         }
       }
   });
