@@ -41,6 +41,21 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The forced-ISA subprocesses (test_batch_invariance) start as soon as the tests are known, at
+    the lowest CPU priority, and the tests reading their results run last: the suite spends much
+    of its time waiting on servers and browsers, which is when they run."""
+    narrower = [item for item in items if "narrower_runs" in getattr(item, "fixturenames", ())]
+    if not narrower or os.environ.get("LEVANTE_FORCED_ISA"):
+        return
+    from test_batch_invariance import STARTED, start_narrower_runs
+
+    items[:] = [item for item in items if item not in narrower] + narrower
+    started = start_narrower_runs(Path(tempfile.mkdtemp(prefix="levante-narrower-")))
+    config.stash[STARTED] = started
+    config.add_cleanup(lambda: [proc.kill() for proc, _ in started.values() if proc.poll() is None])
+
+
 def healthy_init(model: torch.nn.Module, seed: int) -> None:
     """Random weights with unit-scale activations, so logits are far apart and a parity test
     cannot pass by everything being near zero."""
