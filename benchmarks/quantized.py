@@ -5,8 +5,11 @@ the demo's hidden size, 576, is no multiple of 128).
 
 Perplexity is over the first --tokens tokens of a fixed text in the repository (the HumanEval
 sample prompts: code and English docstrings), one uncached forward per model. Speed is offline
-through the engine: one --prompt-len-token prompt generating one token (prefill tok/s), then one
-short prompt generating --decode-tokens tokens with ignore_eos (single-stream decode tok/s).
+through the engine, its step compiled as `levante serve` compiles it (--enforce-eager: not): one
+--prompt-len-token prompt generating one token (prefill tok/s), then one short prompt generating
+--decode-tokens tokens with ignore_eos (single-stream decode tok/s), and what that decode makes of
+the memory bandwidth: the bytes of weights a token reads (projections and LM head, as the engine
+holds them) per second, against a 1 GiB copy's rate here (benchmarks/gpu.py's measure).
 
     python benchmarks/quantized.py
 """
@@ -20,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from gpu import bandwidth
+from gpu import weight_bytes as read_per_token
 
 from levante.engine import Engine, EngineConfig, SamplingParams
 from levante.engine.linears import use_linear_kernels
@@ -62,6 +67,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--enforce-eager", action="store_true", help="do not compile the step")
     args = ap.parse_args()
     text = "\n".join(json.loads(line)["prompt"] for line in TEXT.read_text().splitlines())
     variants = {
@@ -71,23 +77,32 @@ def main() -> None:
         "--quantization int4": dict(quantized=False, quantization="int4"),
         "--quantization int4, group 64": dict(quantized=False, quantization="int4-g64"),
     }
+    peak = bandwidth(torch.device("cpu"))
     print(
         f"demo model {demo_model_path().name}, {args.dtype}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}"
+        f"{platform.processor() or platform.machine()}, {'eager' if args.enforce_eager else 'compiled'}; "
+        f"a 1 GiB copy: {peak / 1e9:.1f} GB/s"
     )
-    print(f"| {'weights':26} | MB | perplexity | prefill tok/s | decode tok/s |")
-    print("|---|---:|---:|---:|---:|")
+    columns = "MB | perplexity | prefill tok/s | decode tok/s | MB a token | of the copy's rate"
+    print(f"| {'weights':26} | {columns} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, kw in variants.items():
         loaded = load(None, dtype=args.dtype, progress=False, **kw)
         mb = weight_bytes(loaded.model) / 1e6  # before the dense weights are packed for the kernel
         use_linear_kernels(loaded.model, batch_invariant=True)
         ids = loaded.tokenizer.encode(text, add_bos=True)[: args.tokens]
         ppl = perplexity(loaded.model, ids)
-        engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_memory=0.2, max_num_seqs=1))
+        config = EngineConfig(kv_cache_memory=0.2, max_num_seqs=1, compile=not args.enforce_eager)
+        engine = Engine(loaded.model, loaded.tokenizer, config)
         timed(engine, ids[:16], 4)  # warm-up
         prefill = args.prompt_len / timed(engine, ids[: args.prompt_len], 1)
         decode = args.decode_tokens / timed(engine, ids[:8], args.decode_tokens)
-        print(f"| {name:26} | {mb:.0f} | {ppl:.4f} | {prefill:.0f} | {decode:.1f} |", flush=True)
+        read = read_per_token(engine)
+        print(
+            f"| {name:26} | {mb:.0f} | {ppl:.4f} | {prefill:.0f} | {decode:.1f} | {read / 1e6:.0f} "
+            f"| {read * decode / peak:.0%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

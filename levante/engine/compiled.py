@@ -5,23 +5,31 @@ Eager, a decode step dispatches a dozen small operations per layer from Python (
 SiLU·mul, residual adds, views), which costs as much as the matmuls of a small model. Compiled,
 they become a few fused loops in one generated function, and Levante's kernels (quantized matmuls,
 KV write, paged attention) are called from it as opaque operators. On CPU shapes are dynamic (one
-graph serves every batch); on CUDA each batch is padded to a bucket and captured as a CUDA graph per
-bucket (Inductor's `triton.cudagraphs`, what `mode="reduce-overhead"` sets), the padding rows
-writing only the cache's scratch block. The eager `Runner.forward` stays the reference: tests
-compare the two token for token, and every failure to compile falls back to it."""
+graph serves every batch), compiled ahead of time (`aot_compile`): the artifact is called without
+Dynamo's per-call frame hook and guard check (~2 ms a step on the demo model) and kept on disk, so
+the next start with the same model, code and CPU loads it in a second or two instead of tracing
+again. On CUDA each batch is padded to a bucket and captured as a CUDA graph per bucket (Inductor's
+`triton.cudagraphs`, what `mode="reduce-overhead"` sets), the padding rows writing only the cache's
+scratch block. The eager `Runner.forward` stays the reference: tests compare the two token for
+token, and every failure to compile falls back to it."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from levante import kernels
+from levante.engine import runner as runner_module
 from levante.engine.attention import CpuPagedAttention
 from levante.engine.runner import Runner
 
@@ -59,26 +67,33 @@ class CompiledStep:
 
     def __init__(self, runner: Runner, sizes: list[int] | None = None) -> None:
         """`sizes`: the batch sizes steps are padded to (CUDA graphs' buckets); None: as they come."""
-        self.eager = runner.forward
+        self.runner, self.eager = runner, runner.forward
         self.sizes, self.scratch = sizes, runner.attention.store.scratch
         self.block_size, self.device = runner.block_size, runner.device
         self.cuda_graphs = runner.device.type == "cuda"
         options = {**OPTIONS, "triton.cudagraphs": self.cuda_graphs}
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(
-            runner.forward, dynamic=True, fullgraph=True, options=options
-        )
+        self.compiler = torch.compile(runner.forward, dynamic=True, fullgraph=True, options=options)
+        # on CPU, set by `warm_up` to the ahead-of-time artifact
+        self.compiled: Callable[..., torch.Tensor] | None = None if self.ahead_of_time else self.compiler
+        self.loaded_from: Path | None = None  # the artifact file the CPU step came from, if cached
+
+    @property
+    def ahead_of_time(self) -> bool:
+        return not self.cuda_graphs
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             try:
                 return self._run(*args)
             except FAILURES as exc:
-                cause = getattr(exc, "inner_exception", None) or exc
-                first = next(iter(str(cause).strip().splitlines()), "")
-                name = type(cause).__name__
-                log.warning("compiling the step failed, running it eagerly: %s: %s", name, first)
-                self.compiled = None
+                self._failed(exc)
         return self.eager(*args)
+
+    def _failed(self, exc: Exception) -> None:
+        cause = getattr(exc, "inner_exception", None) or exc
+        first = next(iter(str(cause).strip().splitlines()), "")
+        log.warning("compiling the step failed, running it eagerly: %s: %s", type(cause).__name__, first)
+        self.compiled = None
 
     def _run(self, *args: torch.Tensor) -> torch.Tensor:
         """`Runner.forward`'s tensors, padded to a bucket where there are buckets."""
@@ -101,7 +116,8 @@ class CompiledStep:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compiles now (captures each bucket's graph), over steps that write only the scratch block."""
+        """Compiles now (captures each bucket's graph; on CPU, loads the cached artifact or compiles
+        one and saves it), over steps that write only the scratch block."""
         start = time.perf_counter()
         device = self.device
         for t in self.sizes or [1]:
@@ -109,11 +125,92 @@ class CompiledStep:
             ones = torch.ones(t, dtype=torch.long, device=device)
             tables = ones[:, None].repeat(1, 2) * self.scratch
             slots = ones * self.scratch * self.block_size
+            args = (ones * 0, ones * 0, slots, rows, rows.clone(), tables, ones, keep)
+            if self.ahead_of_time and self.compiled is None and not self._ahead_of_time(args):
+                return
             with _tracing():
-                self(ones * 0, ones * 0, slots, rows, rows.clone(), tables, ones, keep)
+                self(*args)
             if self.compiled is None:
                 return
-        log.info("compiled the step in %.1f s", time.perf_counter() - start)
+        how = f"loaded the compiled step from {self.loaded_from}" if self.loaded_from else "compiled the step"
+        log.info("%s in %.1f s", how, time.perf_counter() - start)
+
+    def _ahead_of_time(self, args: tuple[torch.Tensor, ...]) -> bool:
+        """self.compiled ← the CPU artifact: loaded where one was saved for this model, code and
+        CPU (see `artifact_key`), else compiled from `args` and saved; False (logged, eager from
+        then on) where it does not compile. The artifact is called without its guard check: the
+        graph was traced for any batch (see `_tracing`), and the key stands for the rest."""
+        path = _artifact_dir() / f"{artifact_key(self.runner)}.pt2"
+        external = {"runner": self.runner}  # the live model, KV cache and layout, never pickled
+        artifact = None
+        if path.exists():
+            try:
+                with path.open("rb") as f:
+                    artifact = torch.compiler.load_compiled_function(
+                        f, f_globals=vars(runner_module), external_data=external
+                    )
+                self.loaded_from = path
+            except Exception as exc:  # a damaged or foreign file: compile afresh over it
+                log.warning("the cached compiled step %s did not load (%s); compiling again", path, exc)
+        if artifact is None:
+            try:
+                with _tracing():
+                    artifact = self.compiler.aot_compile((args, {}))
+            except Exception as exc:  # whatever the compiler stack raises, the eager step runs
+                self._failed(exc)
+                return False
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                artifact.save_compiled_function(str(path), external_data=external)
+            except Exception as exc:  # an unwritable cache costs the next start a compile, nothing more
+                log.warning("the compiled step was not saved to %s: %s", path, exc)
+        artifact.disable_guard_check()
+        self.compiled = functools.partial(artifact, self.runner)
+        return True
+
+
+def _artifact_dir() -> Path:
+    """Compiled steps, next to Inductor's own cache (per CPU target, see `_cache_per_cpu`)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "levante_steps"
+
+
+def artifact_key(runner: Runner) -> str:
+    """What the compiled step depends on besides the values of its tensors: torch's version, the
+    CPU target, Levante's source, the runner's structure (every module's type, scalar settings and
+    tensors' shapes, dtypes and strides: weights, packed weights, rotary tables) and the KV cache's
+    layout. Not its length: the graph reads the cache's size at run time, so a start with another
+    --kv-cache-memory loads the same artifact; nor the weights' values (both tested)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parents[1]
+    for source in sorted([*package.rglob("*.py"), *package.glob("kernels/csrc/*")]):
+        digest.update(source.read_bytes())
+    store = runner.attention.store
+    cache = (store.k.dtype, store.k.shape[:2], store.k.shape[3:], store.block_size, store.k.device.type)
+    digest.update(f"{torch.__version__} {kernels.target()[0]} {runner.block_size} {cache}".encode())
+    for name, module in runner.model.named_modules():
+        digest.update(f"{name}:{type(module).__qualname__}:{_signature(vars(module))}".encode())
+    digest.update(f"{type(runner.attention).__qualname__}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _signature(value: object) -> str:
+    """Tensors by shape, dtype and stride, containers by their items, scalars and settings
+    (dataclasses without tensors: the model's config) by value; other objects (modules, functions,
+    the last step's layout) by type only."""
+    if isinstance(value, torch.Tensor):
+        return f"T{tuple(value.shape)}{value.dtype}{value.stride()}{value.device.type}"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}={_signature(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(_signature, value)) + "]"
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return repr(value)
+    settings = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if settings and not any(isinstance(v, torch.Tensor) for v in vars(value).values()):
+        return repr(value)
+    return type(value).__qualname__
 
 
 def _cache_per_cpu() -> None:
