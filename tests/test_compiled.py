@@ -84,9 +84,19 @@ def test_compiled_step_gives_the_eager_tokens(loaded: LoadedModel) -> None:
     eager = run(engine(loaded, False), inputs)
     assert len({tuple(t) for t in eager}) > 16  # the answers differ from each other
     compiled = engine(loaded, True)
-    assert isinstance(compiled.runner.paged, CompiledStep)
-    assert run(compiled, inputs) == eager  # the warm-up's one graph, traced for one row, serves every step
-    assert compiled.runner.paged.compiled is not None  # never fell back to eager on the way
+    step = compiled.runner.paged
+    assert isinstance(step, CompiledStep) and step.compiled is not None
+    inner, checked = step.compiled, []
+
+    def guarded(*args: torch.Tensor) -> torch.Tensor:  # the guards the artifact runs without
+        checked.append(step.artifact.guard_check(step.runner, *args))
+        return inner(*args)
+
+    step.compiled = guarded
+    assert run(compiled, inputs) == eager
+    # the warm-up's one graph, traced for one row, serves every step
+    assert len(checked) > 30 and all(checked)
+    assert step.compiled is guarded  # never fell back to eager on the way
 
     if loaded.model.vision is None:
         return  # preemption on the tiny model alone: a third compile of the demo would cost a minute
@@ -193,9 +203,8 @@ def test_the_cli_compiles_unless_enforce_eager(
     argv = ["generate", "--model", str(tiny_mistral), "--kv-cache-memory", "0.05", "--max-tokens", "4", flag]
     with caplog.at_level(logging.INFO, logger="levante.engine"):
         assert main([*argv, "--prompt", "Hello"]) == 0
-    compiled = [
-        r.getMessage() for r in caplog.records if re.match(r"(loaded the )?compiled the step", r.getMessage())
-    ]
+    said = [r.getMessage() for r in caplog.records]
+    compiled = [line for line in said if re.match("compiled the step in|loaded the compiled step from", line)]
     assert len(compiled) == (flag == "--no-enforce-eager")
     assert capsys.readouterr().out.strip()
 

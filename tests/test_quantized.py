@@ -19,7 +19,7 @@ from levante import kernels
 from levante.cli import main
 from levante.distributed.tensor_parallel import Cut, ShardedCheckpoint
 from levante.engine import Engine, EngineConfig
-from levante.engine.linears import use_linear_kernels
+from levante.engine.linears import PackedQuantLinear, use_linear_kernels
 from levante.errors import LevanteError
 from levante.loader import demo_model_path, load, load_model
 from levante.model import Model, causal_attention
@@ -242,6 +242,12 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_as_its_dequan
     for loaded in (quantized, dense):
         engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(kv_cache_memory=0.05, max_num_seqs=16))
         answers.append(run(engine, inputs, together=True)[::2])  # the greedy ones
+    # the engine laid the blocks out for its kernel (on AVX-512), the embedding kept the file's
+    packed = [m for m in decoder.modules() if isinstance(m, PackedQuantLinear)]
+    assert len(packed) == 4 * len(decoder.layers) + 1 and decoder.embed_tokens.blocks.dim() == 2
+    assert all(
+        (b.dim() == 3) == _packs(t) for m in packed for b, t in zip(m.buffers(), m.qtypes, strict=True)
+    )
     for (tokens, logprobs), (_, want_logprobs) in zip(*answers, strict=True):
         chosen, dense_top = want_logprobs[0][0], dict(want_logprobs[0][1])
         assert dense_top.get(tokens[0], -np.inf) > chosen - 0.3, (tokens[0], dense_top)

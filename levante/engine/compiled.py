@@ -21,9 +21,11 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,7 @@ class CompiledStep:
         # on CPU, set by `warm_up` to the ahead-of-time artifact
         self.compiled: Callable[..., torch.Tensor] | None = None if self.ahead_of_time else self.compiler
         self.loaded_from: Path | None = None  # the artifact file the CPU step came from, if cached
+        self.artifact: Any = None  # on CPU, what torch.compile's aot_compile returned
 
     @property
     def ahead_of_time(self) -> bool:
@@ -137,21 +140,25 @@ class CompiledStep:
 
     def _ahead_of_time(self, args: tuple[torch.Tensor, ...]) -> bool:
         """self.compiled ← the CPU artifact: loaded where one was saved for this model, code and
-        CPU (see `artifact_key`), else compiled from `args` and saved; False (logged, eager from
-        then on) where it does not compile. The artifact is called without its guard check: the
-        graph was traced for any batch (see `_tracing`), and the key stands for the rest."""
-        path = _artifact_dir() / f"{artifact_key(self.runner)}.pt2"
+        CPU (see `artifact_key`) and its guards pass on `args`, else compiled from `args` and saved;
+        False (logged, eager from then on) where it does not compile. Later calls skip the guard
+        check: the graph was traced for any batch (see `_tracing`), and the key stands for the rest."""
         external = {"runner": self.runner}  # the live model, KV cache and layout, never pickled
-        artifact = None
-        if path.exists():
-            try:
+        artifact, path = None, None
+        try:
+            path = _artifact_dir() / f"{artifact_key(self.runner)}.pt2"
+            if path.exists():
                 with path.open("rb") as f:
                     artifact = torch.compiler.load_compiled_function(
                         f, f_globals=vars(runner_module), external_data=external
                     )
+                if not artifact.guard_check(self.runner, *args):
+                    raise ValueError("its guards do not hold for this runner")
+                artifact(self.runner, *args)  # a first step, which must run
                 self.loaded_from = path
-            except Exception as exc:  # a damaged or foreign file: compile afresh over it
-                log.warning("the cached compiled step %s did not load (%s); compiling again", path, exc)
+        except Exception as exc:  # a damaged, foreign or unreadable file: compile afresh (over it)
+            log.warning("the cached compiled step %s did not load (%s); compiling again", path, exc)
+            artifact = None
         if artifact is None:
             try:
                 with _tracing():
@@ -160,11 +167,13 @@ class CompiledStep:
                 self._failed(exc)
                 return False
             try:
+                assert path is not None
                 path.parent.mkdir(parents=True, exist_ok=True)
                 artifact.save_compiled_function(str(path), external_data=external)
             except Exception as exc:  # an unwritable cache costs the next start a compile, nothing more
                 log.warning("the compiled step was not saved to %s: %s", path, exc)
         artifact.disable_guard_check()
+        self.artifact = artifact
         self.compiled = functools.partial(artifact, self.runner)
         return True
 
@@ -177,18 +186,23 @@ def _artifact_dir() -> Path:
 
 
 def artifact_key(runner: Runner) -> str:
-    """What the compiled step depends on besides the values of its tensors: torch's version, the
-    CPU target, Levante's source, the runner's structure (every module's type, scalar settings and
-    tensors' shapes, dtypes and strides: weights, packed weights, rotary tables) and the KV cache's
-    layout. Not its length: the graph reads the cache's size at run time, so a start with another
+    """What the compiled step depends on besides the values of its tensors: Python's and torch's
+    versions, Inductor's settings and the threads its loops are generated for, the CPU target,
+    Levante's source, the runner's structure (every module's type, scalar settings and tensors'
+    shapes, dtypes and strides: weights, packed weights, rotary tables) and the KV cache's layout.
+    Not its length: the graph reads the cache's size at run time, so a start with another
     --kv-cache-memory loads the same artifact; nor the weights' values (both tested)."""
+    import torch._inductor.config as inductor
+
     digest = hashlib.sha256()
     package = Path(__file__).parents[1]
-    for source in sorted([*package.rglob("*.py"), *package.glob("kernels/csrc/*")]):
+    for source in sorted([*package.rglob("*.py"), *package.glob("kernels/csrc/*.*")]):
         digest.update(source.read_bytes())
+    settings = sorted(inductor.save_config_portable().items())
     store = runner.attention.store
     cache = (store.k.dtype, store.k.shape[:2], store.k.shape[3:], store.block_size, store.k.device.type)
-    digest.update(f"{torch.__version__} {kernels.target()[0]} {runner.block_size} {cache}".encode())
+    digest.update(f"{sys.version} {torch.__version__} {settings} {torch.get_num_threads()}".encode())
+    digest.update(f"{kernels.target()[0]} {runner.block_size} {cache}".encode())
     for name, module in runner.model.named_modules():
         digest.update(f"{name}:{type(module).__qualname__}:{_signature(vars(module))}".encode())
     digest.update(f"{type(runner.attention).__qualname__}".encode())

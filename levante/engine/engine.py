@@ -532,6 +532,7 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     count, so one block table addresses every rank's cache."""
     text = model.config.text
     weight = model.decoder.norm.weight
+    invariant = use_linear_kernels(model, config.batch_invariant)  # repacked weights: before the KV budget
     kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or weight.dtype
     kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
     per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, kv_dtype)
@@ -541,7 +542,6 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     store = KVStore(
         text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, kv_dtype, weight.device
     )
-    invariant = use_linear_kernels(model, config.batch_invariant)
     runner = Runner(model, store, config.block_size, publish, invariant)
     if config.compile:
         compile_runner(runner, config.max_num_seqs)

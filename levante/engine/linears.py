@@ -78,9 +78,13 @@ def use_linear_kernels(model: Model, batch_invariant: bool) -> bool:
     weight = model.decoder.norm.weight
     on_cpu = weight.device.type == "cpu"
     if on_cpu and kernels.load():  # GGUF blocks: their kernel is batch-invariant in either mode
-        for parent, name, child in _children(model.decoder):
-            if isinstance(child, QuantLinear):
-                setattr(parent, name, PackedQuantLinear(child))
+        quantized = [
+            (parent, name)
+            for parent, name, child in _children(model.decoder)
+            if isinstance(child, QuantLinear)
+        ]
+        for parent, name in quantized:  # one at a time, so each raw copy can go before the next is packed
+            setattr(parent, name, PackedQuantLinear(getattr(parent, name)))
     if batch_invariant and on_cpu and weight.dtype in (torch.float32, torch.bfloat16) and kernels.load():
         for parent, name, child in _children(model.decoder):
             if isinstance(child, PackedLinear):
