@@ -232,6 +232,7 @@ using iv = __m512i;
 inline iv iload(const void* p) { return _mm512_loadu_si512(p); }
 inline iv izero() { return _mm512_setzero_si512(); }
 inline vf tofloat(iv a) { return _mm512_cvtepi32_ps(a); }
+inline iv iadd(iv a, iv b) { return _mm512_add_epi32(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline iv dpbusd(iv acc, iv codes, int32_t x4) {
 #if defined(__AVX512VNNI__)
@@ -471,9 +472,11 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
 #pragma GCC unroll 2
             for (int shift = 0; shift < 2; ++shift) {  // r / 2
               const int r = 2 * shift + half;
-              const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo, 4 * shift), low4),
-                                                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * r),
-                                                                                   _mm512_set1_epi32(0x03030303)), 4));
+              // bits 2r, 2r + 1 of each qh byte to bits 4, 5 (shifts of 32-bit lanes that move no
+              // kept bit across a byte), then ql's nibble below them: (lo' & 0x0f) | hi' in one op
+              const __m512i up = r < 2 ? _mm512_slli_epi32(hi, 4 - 2 * r) : _mm512_srli_epi32(hi, 2 * r - 4);
+              const __m512i high = _mm512_and_si512(up, _mm512_set1_epi32(0x30303030));
+              const __m512i q = _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 4 * shift), high, low4, 0xEC);
               out.codes(c0 + 4 * h + r, t, q);
             }
           }
@@ -638,14 +641,17 @@ vf (&rows_at(vf (*acc)[kVectors], int64_t m))[R][kVectors] {
 template <bool Scales>
 struct OneRow {
   const int8_t* x;  // x's quantized values from the block's first k
+  // per chunk, the sums of its halves (Scales) or of its even and odd words: two chains of
+  // dependent VPDPBUSDs instead of one (integer sums: any split adds up to the same)
   iv dot[8][2] = {};
   vf D[8][2], Mn[8][2];
   void codes(int64_t c, int t, iv v) {
     int32_t x4;
     std::memcpy(&x4, x + c * 32 + 4 * t, 4);
-    dot[c][Scales ? t / 4 : 0] = dpbusd(dot[c][Scales ? t / 4 : 0], v, x4);
+    dot[c][Scales ? t / 4 : t % 2] = dpbusd(dot[c][Scales ? t / 4 : t % 2], v, x4);
   }
   void factors(int64_t c, int h, vf d, vf mn) { D[c][h] = d, Mn[c][h] = mn; }
+  iv sum(int64_t c, int h) const { return Scales ? dot[c][h] : iadd(dot[c][0], dot[c][1]); }
 };
 
 // dot_streamed for one row of x (single-stream decode): the same sums and the same float
@@ -660,7 +666,7 @@ void dot_one_row(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t N, i
     lanes<Type>(w, kb, kb + 1, row);
 #pragma GCC unroll 8
     for (int64_t c = 0; c < per; ++c)
-      acc[0][0] = accumulate<Scales>(acc[0][0], row.dot[c][0], row.dot[c][1], row.D[c][0],
+      acc[0][0] = accumulate<Scales>(acc[0][0], row.sum(c, 0), row.sum(c, 1), row.D[c][0],
                                      Scales ? row.D[c][1] : vzero(), row.Mn[c][0], Scales ? row.Mn[c][1] : vzero(),
                                      xq, kb * per + c);
   }
