@@ -385,6 +385,7 @@ struct ToGroup {  // into a Group, which dot_chunks reads back for each 4 rows o
     _mm512_storeu_ps((h ? g.D1 : g.D0).get() + c * kGroup, d);
     _mm512_storeu_ps((h ? g.Mn1 : g.Mn0).get() + c * kGroup, mn);
   }
+  void flush(int64_t, int64_t) const {}  // chunks [c, c + n) are complete: read back later
 };
 
 // Blocks [kb0, kb1) of the rows w reads, of type Type (one lanes_type takes) → out, chunks
@@ -452,17 +453,17 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
       static_assert(Type == Q6_K);
       // bytes 208-209, read without passing the block (packed: the word before the pad)
       const __m512 d = W::packed ? fp16_at(w.at(at + 208), 0) : fp16_at(w.at(at + 206), 16);
-#pragma GCC unroll 4
-      for (int s = 0; s < 4; ++s) {  // int8 scales 4s..4s+3: the halves of chunks 2s and 2s + 1
-        const __m512i word = w.at(at + 192 + 4 * s);
-#pragma GCC unroll 4
-        for (int h = 0; h < 4; ++h) {
-          const __m512 dh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * h), 24)));
-          out.factors(c0 + 2 * s + h / 2, h % 2, dh, _mm512_mul_ps(dh, _mm512_set1_ps(-32.f)));
-        }
-      }
 #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {  // chunks 4h..4h + 3, one after the other (fewer live sums)
+#pragma GCC unroll 2
+        for (int s = 2 * h; s < 2 * h + 2; ++s) {  // int8 scales 4s..4s+3: halves of chunks 2s, 2s + 1
+          const __m512i word = w.at(at + 192 + 4 * s);
+#pragma GCC unroll 4
+          for (int e = 0; e < 4; ++e) {
+            const __m512 dh = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(word, 24 - 8 * e), 24)));
+            out.factors(c0 + 2 * s + e / 2, e % 2, dh, _mm512_mul_ps(dh, _mm512_set1_ps(-32.f)));
+          }
+        }
 #pragma GCC unroll 8
         for (int t = 0; t < 8; ++t) {
           const __m512i hi = w.at(at + 128 + h * 32 + 4 * t);
@@ -481,7 +482,10 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
             }
           }
         }
+        out.flush(c0 + 4 * h, 4);
+      }
     }
+    if constexpr (Type != Q6_K) out.flush(c0, f.elements / 32);
   }
 }
 
@@ -652,6 +656,16 @@ struct OneRow {
   }
   void factors(int64_t c, int h, vf d, vf mn) { D[c][h] = d, Mn[c][h] = mn; }
   iv sum(int64_t c, int h) const { return Scales ? dot[c][h] : iadd(dot[c][0], dot[c][1]); }
+  // chunks [c, c + n) are complete: into the row's accumulator, in k order (lanes completes them so)
+  vf* acc;
+  const QuantizedX* xq;
+  int64_t chunk;  // the block's first chunk in the row
+  void flush(int64_t c0, int64_t n) {
+#pragma GCC unroll 8
+    for (int64_t c = c0; c < c0 + n; ++c)
+      *acc = accumulate<Scales>(*acc, sum(c, 0), sum(c, 1), D[c][0], Scales ? D[c][1] : vzero(), Mn[c][0],
+                                Scales ? Mn[c][1] : vzero(), *xq, chunk + c);
+  }
 };
 
 // dot_streamed for one row of x (single-stream decode): the same sums and the same float
@@ -663,12 +677,8 @@ void dot_one_row(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t N, i
   vf acc[1][kVectors] = {{vzero()}};
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
     OneRow<Scales> row{xq.q.data() + kb * per * 32};
+    row.acc = &acc[0][0], row.xq = &xq, row.chunk = kb * per;
     lanes<Type>(w, kb, kb + 1, row);
-#pragma GCC unroll 8
-    for (int64_t c = 0; c < per; ++c)
-      acc[0][0] = accumulate<Scales>(acc[0][0], row.sum(c, 0), row.sum(c, 1), row.D[c][0],
-                                     Scales ? row.D[c][1] : vzero(), row.Mn[c][0], Scales ? row.Mn[c][1] : vzero(),
-                                     xq, kb * per + c);
   }
   store_rows<1>(acc, 0, y, N, n0);
 }
