@@ -256,7 +256,7 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_as_its_dequan
 
 @pytest.mark.parametrize(
     ("call", "message"),
-    ids=["type", "types", "row-bytes", "features", "dtype", "blocks", "pack-rows", "packed-shape"],
+    ids=["type", "types", "row-bytes", "features", "dtype", "blocks", "pack-rows", "packed", "packed-at"],
     argvalues=[
         (
             lambda b: kernels.quant_linear(torch.randn(2, 512), [b], [7], 512),
@@ -283,6 +283,12 @@ def test_the_demo_model_keeps_its_q4_1_and_q8_0_blocks_and_answers_as_its_dequan
         (
             lambda b: kernels.quant_linear(torch.randn(2, 512), [b.view(1, 4, -1)], [int(Q.Q4_0)], 512),
             r"packed weights must be dense uint8 \[rows / 16, 16, 320\]|not packed in this build",
+        ),
+        (
+            lambda b: kernels.quant_linear(
+                torch.randn(2, 512), [b, torch.zeros(1, 16, 320, dtype=torch.uint8)], [int(Q.Q4_0)] * 2, 512
+            ),
+            "packed weights must start on a row that is a multiple of 16, not 4|not packed in this build",
         ),
     ],
 )
