@@ -9,7 +9,7 @@ through the engine, its step compiled as `levante serve` compiles it (--enforce-
 --prompt-len-token prompt generating one token (prefill tok/s), then one short prompt generating
 --decode-tokens tokens with ignore_eos (single-stream decode tok/s), and what that decode makes of
 the memory bandwidth: the bytes of weights a token reads (projections and LM head, as the engine
-holds them) per second, against a 1 GiB copy's rate here (benchmarks/gpu.py's measure).
+holds them) per second, against a plain 1 GiB read's rate here (benchmarks/gpu.py's measure).
 
     python benchmarks/quantized.py
 """
@@ -81,9 +81,9 @@ def main() -> None:
     print(
         f"demo model {demo_model_path().name}, {args.dtype}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, {'eager' if args.enforce_eager else 'compiled'}; "
-        f"a 1 GiB copy: {peak / 1e9:.1f} GB/s"
+        f"a 1 GiB read: {peak / 1e9:.1f} GB/s"
     )
-    columns = "MB | perplexity | prefill tok/s | decode tok/s | MB a token | of the copy's rate"
+    columns = "MB | perplexity | prefill tok/s | decode tok/s | MB a token | of a read's rate"
     print(f"| {'weights':26} | {columns} |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, kw in variants.items():
