@@ -103,7 +103,8 @@ def _assert_matmul(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) ->
     """The blocks dequantize to `reference` (in its dtype, bit for bit); their matmul is x rounded
     to int8 times the exact weights (float32 accumulation, and the output dtype's rounding), within
     0.9% of x·wᵀ in float (x's rounding: measured 0.5–0.6% of the norm), and a row's bits do not
-    depend on the other rows (one to past four row tiles of 16, the AMX path's)."""
+    depend on the other rows (each count of rows whose sums the kernel keeps in registers, then one to
+    past four row tiles of 16, the AMX path's)."""
     k = reference.shape[1]
     assert torch.equal(kernels.dequantize(blocks, qtype, k, reference.dtype), reference)
     exact = kernels.dequantize(blocks, qtype, k, torch.float32).double().numpy()
@@ -115,7 +116,7 @@ def _assert_matmul(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) ->
     assert np.allclose(got, want, rtol=output_rounding, atol=output_rounding * np.abs(want).max())
     dense = x.double().numpy() @ exact.T
     assert np.linalg.norm(got - dense) < 0.009 * np.linalg.norm(dense)
-    for m in (1, 2, 4, 5, 16, 17, 33):
+    for m in (1, 2, 3, 4, 5, 6, 16, 17, 33):
         assert torch.equal(kernels.quant_linear(x[-m:], [blocks], [qtype], k), full[-m:]), m
     # stacked with rows of another type (as merged projections are): the same numbers, and the same
     # bits unless a Q6_K row shares a group of 16 with another type (then its halves are summed apart)
@@ -133,7 +134,7 @@ def _assert_matmul(blocks: torch.Tensor, qtype: int, reference: torch.Tensor) ->
     whole = blocks.shape[0] // 16 * 16
     packed = kernels.pack_quant(blocks[:whole], qtype)
     assert (packed.dim() == 3) == _packs(qtype), packed.shape
-    for m in (1, 5, 16, 70):
+    for m in (1, 3, 5, 16, 70):
         got = kernels.quant_linear(x[-m:], [packed, blocks[whole:]], [qtype, qtype], k)
         assert torch.equal(got, full[-m:]), m
 

@@ -390,7 +390,7 @@ struct ToGroup {  // into a Group, which dot_chunks reads back for each 4 rows o
 
 // Blocks [kb0, kb1) of the rows w reads, of type Type (one lanes_type takes) → out, chunks
 // numbered from kb0's first. The loops are unrolled so that a sink holding its sums in registers
-// (OneRow) keeps them there.
+// (InRegisters) keeps them there.
 template <int64_t Type, typename W, typename Sink>
 inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_t kb1, Sink& out) {
   constexpr Format f = format(Type);
@@ -412,6 +412,7 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
           out.codes(c0, t + 4, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
         }
       }
+      out.flush(c0, 1);
     } else if constexpr (Type == Q4_1 || Type == Q4_1_G64 || Type == Q4_1_G128) {
       const __m512i head = w.at(at);
       const __m512 d = fp16_at(head, 0), m = fp16_at(head, 16);
@@ -424,6 +425,7 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
           out.codes(c0 + c, t, _mm512_and_si512(raw, low4));
           out.codes(c0 + c, t + 4, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
         }
+        out.flush(c0 + c, 1);
       }
     } else if constexpr (Type == Q4_K) {
       const __m512i head = w.at(at), s0 = w.at(at + 4), s1 = w.at(at + 8), s2 = w.at(at + 12);
@@ -442,13 +444,15 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
                       _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn[h]))));
       }
 #pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p)  // 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high
+      for (int p = 0; p < 4; ++p) {  // 32 bytes: sub-block 2p in the low nibbles, 2p + 1 in the high
 #pragma GCC unroll 8
         for (int t = 0; t < 8; ++t) {
           const __m512i raw = w.at(at + 16 + 32 * p + 4 * t);
           out.codes(c0 + 2 * p, t, _mm512_and_si512(raw, low4));
           out.codes(c0 + 2 * p + 1, t, _mm512_and_si512(_mm512_srli_epi32(raw, 4), low4));
         }
+        out.flush(c0 + 2 * p, 2);
+      }
     } else {
       static_assert(Type == Q6_K);
       // bytes 208-209, read without passing the block (packed: the word before the pad)
@@ -485,7 +489,6 @@ inline __attribute__((always_inline)) void lanes(const W& w, int64_t kb0, int64_
         out.flush(c0 + 4 * h, 4);
       }
     }
-    if constexpr (Type != Q6_K) out.flush(c0, f.elements / 32);
   }
 }
 
@@ -640,31 +643,42 @@ vf (&rows_at(vf (*acc)[kVectors], int64_t m))[R][kVectors] {
 }
 
 #if defined(__AVX512F__)
-// One row of x's integer sums for one block, taken from the codes as `lanes` makes them (all in
+// R rows of x's integer sums for one block, taken from the codes as `lanes` makes them (all in
 // registers: no round trip through the L1 cache), and the block's factors.
-template <bool Scales>
-struct OneRow {
-  const int8_t* x;  // x's quantized values from the block's first k
-  // per chunk, the sums of its halves (Scales) or of its even and odd words: two chains of
-  // dependent VPDPBUSDs instead of one (integer sums: any split adds up to the same)
-  iv dot[8][2] = {};
+template <int R, bool Scales>
+struct InRegisters {
+  const int8_t* x;  // row 0's quantized values from the block's first k; row r's r·K further on
+  int64_t K;
+  // per row and chunk, the sums of its halves (Scales), else one chain of dependent VPDPBUSDs a
+  // row, or two for one row alone (its even and odd words; integer sums: any split adds up the same)
+  static constexpr int kChains = Scales || R == 1 ? 2 : 1;
+  iv dot[R][8][kChains] = {};
   vf D[8][2], Mn[8][2];
   void codes(int64_t c, int t, iv v) {
-    int32_t x4;
-    std::memcpy(&x4, x + c * 32 + 4 * t, 4);
-    dot[c][Scales ? t / 4 : t % 2] = dpbusd(dot[c][Scales ? t / 4 : t % 2], v, x4);
+    const int s = Scales ? t / 4 : t % kChains;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      int32_t x4;
+      std::memcpy(&x4, x + r * K + c * 32 + 4 * t, 4);
+      dot[r][c][s] = dpbusd(dot[r][c][s], v, x4);
+    }
   }
   void factors(int64_t c, int h, vf d, vf mn) { D[c][h] = d, Mn[c][h] = mn; }
-  iv sum(int64_t c, int h) const { return Scales ? dot[c][h] : iadd(dot[c][0], dot[c][1]); }
-  // chunks [c, c + n) are complete: into the row's accumulator, in k order (lanes completes them so)
-  vf* acc;
+  iv sum(int r, int64_t c, int h) const {
+    if constexpr (Scales) return dot[r][c][h];
+    return kChains == 2 ? iadd(dot[r][c][0], dot[r][c][kChains - 1]) : dot[r][c][0];
+  }
+  // chunks [c, c + n) are complete: into each row's accumulator, in k order (lanes completes them so)
+  vf* acc;  // R accumulators
   const QuantizedX* xq;
-  int64_t chunk;  // the block's first chunk in the row
+  int64_t chunk;  // the block's first chunk in a row
   void flush(int64_t c0, int64_t n) {
 #pragma GCC unroll 8
     for (int64_t c = c0; c < c0 + n; ++c)
-      *acc = accumulate<Scales>(*acc, sum(c, 0), sum(c, 1), D[c][0], Scales ? D[c][1] : vzero(), Mn[c][0],
-                                Scales ? Mn[c][1] : vzero(), *xq, chunk + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        acc[r] = accumulate<Scales>(acc[r], sum(r, c, 0), sum(r, c, 1), D[c][0], Scales ? D[c][1] : vzero(),
+                                    Mn[c][0], Scales ? Mn[c][1] : vzero(), *xq, r * (K / 32) + chunk + c);
   }
 };
 
@@ -679,24 +693,26 @@ inline void prefetch_ahead(const W& w, int64_t kb) {
   }
 }
 
-// dot_streamed for one row of x (single-stream decode): the same sums and the same float
-// operations in the same order, so the same bits.
-template <int64_t Type, typename W, typename T>
-void dot_one_row(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t N, int64_t n0) {
+// dot_streamed for R rows of x (decode, one sequence or a few), the sums in registers: the same
+// sums and the same float operations in the same order, so the same bits.
+template <int64_t Type, int R, typename W, typename T>
+void dot_in_registers(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t N, int64_t n0) {
+  static_assert(kVectors == 1);
   constexpr bool Scales = Type == Q6_K;
   constexpr int64_t per = format(Type).elements / 32;
-  vf acc[1][kVectors] = {{vzero()}};
+  vf acc[R][kVectors];
+  zero(acc);
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
-    OneRow<Scales> row{xq.q.data() + kb * per * 32};
-    row.acc = &acc[0][0], row.xq = &xq, row.chunk = kb * per;
+    InRegisters<R, Scales> rows{xq.q.data() + kb * per * 32, K};
+    rows.acc = &acc[0][0], rows.xq = &xq, rows.chunk = kb * per;
     prefetch_ahead<Type>(w, kb);
-    lanes<Type>(w, kb, kb + 1, row);
+    lanes<Type>(w, kb, kb + 1, rows);
   }
-  store_rows<1>(acc, 0, y, N, n0);
+  store_rows<R>(acc, 0, y, N, n0);
 }
 
 // M < kStream rows of x (decode, a few sequences) times rows [n0, n0 + 16) of one part, a block at
-// a time: each block's codes go from the weights to the dot products through the L1 cache
+// a time; up to 5 rows by dot_in_registers, more as follows: each block's codes go from the weights to the dot products through the L1 cache
 // (`block`, one block's Group) instead of through a whole row's Group, so reading the weights
 // overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
 // same order, as dot_rows: the same bits.
@@ -704,7 +720,14 @@ template <int64_t Type, typename W, typename T>
 void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0, Group& block) {
   constexpr bool Scales = Type == Q6_K;
   const int64_t per = format(Type).elements / 32;  // chunks per block
-  if (M == 1) return dot_one_row<Type>(w, xq, K, y, N, n0);
+  switch (M) {  // up to 5 rows' sums fit the registers (from 6 they spill, and lose to the Group)
+    case 1: return dot_in_registers<Type, 1>(w, xq, K, y, N, n0);
+    case 2: return dot_in_registers<Type, 2>(w, xq, K, y, N, n0);
+    case 3: return dot_in_registers<Type, 3>(w, xq, K, y, N, n0);
+    case 4: return dot_in_registers<Type, 4>(w, xq, K, y, N, n0);
+    case 5: return dot_in_registers<Type, 5>(w, xq, K, y, N, n0);
+    default: break;
+  }
   vf acc[kStream][kVectors];
   zero(rows_at<kStream>(acc, 0));
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
