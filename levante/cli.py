@@ -205,6 +205,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         serve_on_ray(config, RayServeConfig(args.replicas or 1, args.ray_autoscaling, args.ray_actor_options))
     else:
         serve(config, None if args.no_web else web_app(args))
+        if args.tensor_parallel_size > 1:
+            from levante.distributed.tensor_parallel import exit_served
+
+            exit_served(0)
 
 
 def data_file(args: argparse.Namespace, stem: str) -> Path:

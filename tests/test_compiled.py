@@ -8,6 +8,7 @@ parallelism compiled: `test_tensor_parallel`'s server."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import subprocess
@@ -87,9 +88,10 @@ def test_compiled_step_gives_the_eager_tokens(loaded: LoadedModel) -> None:
     step = compiled.runner.paged
     assert isinstance(step, CompiledStep) and step.compiled is not None
     inner, checked = step.compiled, []
+    assert isinstance(inner, functools.partial)  # the artifact, bound to its runner
 
     def guarded(*args: torch.Tensor) -> torch.Tensor:  # the guards the artifact runs without
-        checked.append(step.artifact.guard_check(step.runner, *args))
+        checked.append(inner.func.guard_check(*inner.args, *args))
         return inner(*args)
 
     step.compiled = guarded

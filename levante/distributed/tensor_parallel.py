@@ -27,7 +27,7 @@ import sys
 import threading
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -397,6 +397,17 @@ def agree(num_blocks: int) -> int:
     value = torch.tensor([num_blocks])
     dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_control())
     return int(value)
+
+
+def exit_served(code: int) -> NoReturn:
+    """Rank 0's end after serving: every exit handler runs (`stop` among them: the workers told,
+    joined, the groups destroyed), then the process leaves without the interpreter's teardown, where
+    gloo's threads have been seen to abort it after a clean drain (SIGABRT, "terminate called without
+    an active exception"; PyTorch issue 190489): three full test runs here lost the served TP=2 test so."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def stop() -> None:

@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +77,6 @@ class CompiledStep:
         # on CPU, set by `warm_up` to the ahead-of-time artifact
         self.compiled: Callable[..., torch.Tensor] | None = None if self.ahead_of_time else self.compiler
         self.loaded_from: Path | None = None  # the artifact file the CPU step came from, if cached
-        self.artifact: Any = None  # on CPU, what torch.compile's aot_compile returned
 
     @property
     def ahead_of_time(self) -> bool:
@@ -173,7 +171,6 @@ class CompiledStep:
             except Exception as exc:  # an unwritable cache costs the next start a compile, nothing more
                 log.warning("the compiled step was not saved to %s: %s", path, exc)
         artifact.disable_guard_check()
-        self.artifact = artifact
         self.compiled = functools.partial(artifact, self.runner)
         return True
 

@@ -712,9 +712,9 @@ void dot_in_registers(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t
 }
 
 // M < kStream rows of x (decode, a few sequences) times rows [n0, n0 + 16) of one part, a block at
-// a time; up to 5 rows by dot_in_registers, more as follows: each block's codes go from the weights to the dot products through the L1 cache
-// (`block`, one block's Group) instead of through a whole row's Group, so reading the weights
-// overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
+// a time: up to 5 rows by dot_in_registers; more, each block's codes go from the weights to the dot
+// products through the L1 cache (`block`, one block's Group) instead of through a whole row's
+// Group, so reading the weights overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
 // same order, as dot_rows: the same bits.
 template <int64_t Type, typename W, typename T>
 void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0, Group& block) {
