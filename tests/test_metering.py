@@ -65,26 +65,35 @@ def wait_rows(db: Path, count: int, where: str = "1", args: tuple[Any, ...] = ()
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
 
 
+def _seen(response: Any, choices: list[Any]) -> dict[str, Any]:
+    """The id, usage and every choice's finish reason, as the client got them."""
+    reasons = {c.finish_reason for c in choices if c.finish_reason is not None}
+    return {"id": response.id, "usage": response.model_dump()["usage"], "reasons": reasons}
+
+
+def _streamed(chunks: list[Any]) -> dict[str, Any]:
+    return {**_seen(chunks[-1], [c for chunk in chunks for c in chunk.choices]), "id": chunks[0].id}
+
+
 def one_request(c: openai.OpenAI, kind: int) -> dict[str, Any]:
-    """One of five request shapes; returns the id and usage the client saw (None when aborted)."""
+    """One of five request shapes; returns the id, usage (None when aborted) and finish reasons the
+    client saw."""
     if kind == 0:
         r = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6)
-        return {"id": r.id, "usage": r.model_dump()["usage"]}
+        return _seen(r, r.choices)
     if kind == 1:
         stream = c.chat.completions.create(
             model="m", messages=MESSAGES, max_tokens=6, stream=True, stream_options={"include_usage": True}
         )
-        chunks = list(stream)
-        return {"id": chunks[0].id, "usage": chunks[-1].model_dump()["usage"]}
-    if kind == 2:
+        return _streamed(list(stream))
+    if kind == 2:  # two prompts: one may stop while the other runs out of tokens
         r = c.completions.create(model="m", prompt=["Red, green,", "One, two,"], max_tokens=5)
-        return {"id": r.id, "usage": r.model_dump()["usage"]}
+        return _seen(r, r.choices)
     if kind == 3:
         stream = c.completions.create(
             model="m", prompt="A, B,", max_tokens=5, stream=True, stream_options={"include_usage": True}
         )
-        chunks = list(stream)
-        return {"id": chunks[0].id, "usage": chunks[-1].model_dump()["usage"]}
+        return _streamed(list(stream))
     stream = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=400, stream=True)
     for seen, chunk in enumerate(stream, 1):
         if seen == 3:
@@ -126,7 +135,8 @@ def test_ledger_equals_the_usage_clients_saw(metered: tuple[ServerProcess, Path]
                 u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"], u["completion_tokens"]
             )
         )
-        assert ledger[s["id"]]["finish_reason"] in ("stop", "length")
+        # a request with several choices keeps each distinct reason, sorted and comma-joined
+        assert s["reasons"] and ledger[s["id"]]["finish_reason"] == ",".join(sorted(s["reasons"]))
         assert ledger[s["id"]]["team"] == "research" and ledger[s["id"]]["latency"] > 0
     for s in seen:
         if s["usage"] is None:  # aborted: billed for what was generated, marked as aborted
