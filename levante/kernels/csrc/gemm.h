@@ -7,9 +7,59 @@
 #define LEVANTE_AMX 1
 #endif
 
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <vector>
+
 #include "vec.h"
 
 namespace levante {
+
+// f(first, last) over ranges covering [0, n) once, on every thread, for work whose cost per item is
+// even but whose threads are not (a core that starts later or reads memory slower): each thread
+// walks its own equal share from the front, a step at a time, and one done with its share takes
+// steps from the back of the share with the most left, so all finish together and each still
+// streams through contiguous memory. What an item computes never depends on the thread, so
+// neither do the results.
+template <typename F>
+void balanced_for(int64_t n, const F& f) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  const int64_t step = std::max<int64_t>(1, n / (threads * 32));
+  std::vector<std::atomic<uint64_t>> shares(threads);  // each share's front << 32 | back
+  for (int64_t t = 0; t < threads; ++t)
+    shares[t] = static_cast<uint64_t>(t * n / threads) << 32 | static_cast<uint64_t>((t + 1) * n / threads);
+  auto take = [&](std::atomic<uint64_t>& share, bool front, int64_t& first, int64_t& last) {
+    uint64_t span = share.load();
+    for (;;) {
+      const int64_t a = static_cast<int64_t>(span >> 32), b = static_cast<int64_t>(span & 0xffffffffu);
+      if (a >= b) return false;
+      first = front ? a : std::max(a, b - step);
+      last = front ? std::min(b, a + step) : b;
+      const uint64_t left = front ? static_cast<uint64_t>(last) << 32 | b : static_cast<uint64_t>(a) << 32 | first;
+      if (share.compare_exchange_weak(span, left)) return true;
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t mine, int64_t end) {
+    int64_t first, last;
+    for (int64_t t = mine; t < end; ++t)
+      while (take(shares[t], true, first, last)) f(first, last);
+    for (;;) {  // then the back of whichever share has the most left
+      int64_t most = 0, victim = -1;
+      for (int64_t t = 0; t < threads; ++t) {
+        const uint64_t span = shares[t].load();
+        const int64_t left = static_cast<int64_t>(span & 0xffffffffu) - static_cast<int64_t>(span >> 32);
+        if (left > most) most = left, victim = t;
+      }
+      if (victim < 0) return;
+      if (take(shares[victim], false, first, last)) f(first, last);
+    }
+  });
+}
 
 template <typename T>
 struct Dot {  // float32, and bfloat16 widened to float32: exact products, fused adds

@@ -41,7 +41,7 @@ namespace {
 template <typename T>
 void gemm(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
   const int64_t tiles = (N + NR - 1) / NR;
-  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+  balanced_for(tiles, [&](int64_t first, int64_t last) {
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t m1 = std::min(M, m0 + MC);
       for (int64_t t = first; t < last; ++t) {

@@ -844,7 +844,7 @@ void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N
 #else
   const bool amx = false;
 #endif
-  at::parallel_for(0, (N + kGroup - 1) / kGroup, 1, [&](int64_t first, int64_t last) {
+  balanced_for((N + kGroup - 1) / kGroup, [&](int64_t first, int64_t last) {
 #if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
     if (amx) amx_configure_int8();
 #endif
