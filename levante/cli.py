@@ -304,7 +304,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
         default=os.environ.get("LEVANTE_ENFORCE_EAGER", "") not in ("", "0"),
-        help="run the step eagerly instead of compiling it at start (default from LEVANTE_ENFORCE_EAGER=1)",
+        help="run the step eagerly, not compiled at start (on CPU its layers in one kernel call where the "
+        "model allows, else Inductor); default from LEVANTE_ENFORCE_EAGER=1",
     )
     p.add_argument(
         "--no-batch-invariant",

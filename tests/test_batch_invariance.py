@@ -1,7 +1,8 @@
 """Batch invariance (on by default): a request's tokens and logprobs are the same bits alone, in a
 batch of 16, after a 600-token shared prefix came from the prefix cache, with its prompt cut into
 small chunks, and after preemption and recompute — greedy and seeded sampling, float32 and
-bfloat16, on the demo model and on a tiny Mistral3 with images. The same checks run again in
+bfloat16, on the demo model and on a tiny Mistral3 with images; the cached, chunked and preempted
+runs on the fused step (`engine.fused`), the others eager. The same checks run again in
 subprocesses that force narrower instruction sets, so the AVX2, AVX-512 and AVX-512 BF16 code
 paths are exercised next to the machine's own (AMX here) on whatever CPU runs the suite."""
 
@@ -23,6 +24,7 @@ from test_engine import data_url, question
 from levante import kernels
 from levante.engine import EngineConfig, SamplingParams
 from levante.engine.engine import Engine
+from levante.engine.fused import FusedStep
 from levante.engine.kv_cache import KVStore
 from levante.loader import LoadedModel, demo_model_path, load
 from levante.model.layers import RMSNorm
@@ -112,11 +114,14 @@ def test_same_bits_alone_batched_cached_chunked_and_preempted(model: tuple[Path,
     inputs = prompts(loaded, images=loaded.model.vision is not None)
     longest = max(len(p.tokens) for p in inputs) + 10
 
-    def engine(**kw: object) -> Engine:
-        config = dict(kv_cache_memory=kv_gib(loaded, 16 * longest), max_num_seqs=16)
+    def engine(fused: bool = False, **kw: object) -> Engine:
+        """fused: the step's layers in one kernel call (`compile` on CPU), which must give the eager
+        step's bits."""
+        config = dict(kv_cache_memory=kv_gib(loaded, 16 * longest), max_num_seqs=16, compile=fused)
         config.update(kw)
         built = Engine(loaded.model, loaded.tokenizer, EngineConfig(**config))  # type: ignore[arg-type]
         assert built.runner.batch_invariant
+        assert isinstance(built.runner.paged, FusedStep) == fused
         return built
 
     # the reference: nothing cached, each request alone (only the first 4: every prompt is paid in
@@ -127,18 +132,20 @@ def test_same_bits_alone_batched_cached_chunked_and_preempted(model: tuple[Path,
     together = run(engine(prefix_caching=False, max_num_batched_tokens=16 * longest), inputs[:uncached], True)
     assert together[:4] == alone
 
-    cached = engine()
+    cached = engine(fused=True)
     every = run(cached, inputs, together=True, warm=1)
     assert every[:uncached] == together
     assert cached.blocks.prefix_hits >= 15 * 592
 
-    chunked = engine(max_num_batched_tokens=37)
+    chunked = engine(fused=True, max_num_batched_tokens=37)
     chunked.keep_step_log = True
     assert run(chunked, inputs, together=True) == every
     assert max(sum(n for _, n in step) for step in chunked.step_log) <= 37
 
     tiny_cache = kv_gib(loaded, longest + 64)
-    preempted = engine(kv_cache_memory=tiny_cache, prefix_caching=False, max_num_batched_tokens=40)
+    preempted = engine(
+        fused=True, kv_cache_memory=tiny_cache, prefix_caching=False, max_num_batched_tokens=40
+    )
     assert run(preempted, inputs[:3], together=True) == alone[:3]
     assert preempted.stats.preemptions > 0
 
@@ -289,12 +296,12 @@ def test_an_fp8_kv_cache_holds_twice_the_tokens_and_the_same_bits_in_any_batch(
     inputs = prompts(loaded, images=True)
     longest = max(len(p.tokens) for p in inputs) + 10
 
-    def engine(**kw: object) -> Engine:
-        config = dict(
-            kv_cache_memory=kv_gib(loaded, 16 * longest), max_num_seqs=16, kv_cache_dtype=kv_cache_dtype
-        )
-        config.update(kw)
-        return Engine(loaded.model, loaded.tokenizer, EngineConfig(**config))  # type: ignore[arg-type]
+    def engine(fused: bool = False, **kw: object) -> Engine:
+        config = dict(kv_cache_memory=kv_gib(loaded, 16 * longest), max_num_seqs=16, compile=fused)
+        config.update({"kv_cache_dtype": kv_cache_dtype, **kw})
+        built = Engine(loaded.model, loaded.tokenizer, EngineConfig(**config))  # type: ignore[arg-type]
+        assert isinstance(built.runner.paged, FusedStep) == fused
+        return built
 
     alone = run(engine(prefix_caching=False), inputs[:4], together=False)
     assert alone[0][0]
@@ -302,7 +309,7 @@ def test_an_fp8_kv_cache_holds_twice_the_tokens_and_the_same_bits_in_any_batch(
     assert fp8.capacity == 2 * bf16.capacity and fp8.runner.batch_invariant
     every = run(fp8, inputs, together=True, warm=1)
     assert every[:4] == alone and fp8.blocks.prefix_hits > 0
-    chunked = engine(max_num_batched_tokens=37)
+    chunked = engine(fused=True, max_num_batched_tokens=37)
     assert run(chunked, inputs, together=True) == every
     preempted = engine(
         kv_cache_memory=kv_gib(loaded, longest + 64) / 2, prefix_caching=False, max_num_batched_tokens=40

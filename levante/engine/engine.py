@@ -18,8 +18,10 @@ import torch
 
 from levante.distributed import tensor_parallel
 from levante.engine.compiled import compile_runner
+from levante.engine.fused import fuse_runner
 from levante.engine.grammar import GrammarError, Grammars
 from levante.engine.guard import repeating_tail
+from levante.engine.huge_pages import use_huge_pages
 from levante.engine.kv_cache import BlockManager, KVStore
 from levante.engine.linears import use_linear_kernels
 from levante.engine.runner import Runner, Step
@@ -59,6 +61,9 @@ class EngineConfig:
     # (and the test suite's engines start in a second, not a compile's quarter minute); the CLI
     # compiles unless --enforce-eager, as vLLM
     compile: bool = False
+    # with `compile`, on CPU: the paged step's layers in one call of Levante's kernels where the
+    # model allows it (see `fused`; same bits as eager, no compile); False: Inductor compiles them
+    fuse_layers: bool = True
     speculative: SpeculativeConfig | None = None  # speculative decoding: prompt lookup or a draft model
 
     def __post_init__(self) -> None:
@@ -533,6 +538,8 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     text = model.config.text
     weight = model.decoder.norm.weight
     invariant = use_linear_kernels(model, config.batch_invariant)  # repacked weights: before the KV budget
+    if weight.device.type == "cpu":
+        use_huge_pages(model.decoder)
     kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or weight.dtype
     kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
     per_token = KVStore.bytes_per_token(text.num_layers, kv_heads, text.head_dim, kv_dtype)
@@ -543,7 +550,7 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
         text.num_layers, num_blocks, config.block_size, kv_heads, text.head_dim, kv_dtype, weight.device
     )
     runner = Runner(model, store, config.block_size, publish, invariant)
-    if config.compile:
+    if config.compile and not (config.fuse_layers and fuse_runner(runner)):
         compile_runner(runner, config.max_num_seqs)
     return runner
 

@@ -5,3 +5,4 @@
 #include "linear.cpp"
 #include "norm.cpp"
 #include "quant.cpp"
+#include "decode.cpp"  // calls the kernels above

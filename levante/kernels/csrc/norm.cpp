@@ -31,9 +31,11 @@ void norm_rows(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t K, 
         acc = vfma(v, v, acc);
       }
       const float inv = 1.f / std::sqrt(vsum(acc) / static_cast<float>(K) + static_cast<float>(eps));
-      for (int64_t i = 0; i < K; ++i) {  // the normed value in x's dtype, then times the weight
-        const float normed = static_cast<float>(static_cast<T>(static_cast<float>(row[i]) * inv));
-        y[m * K + i] = static_cast<T>(static_cast<float>(w[i]) * normed);
+      const vf scale = vset1(inv);
+      for (int64_t i = 0; i < K; i += kLanes) {  // the normed value in x's dtype, then times the weight
+        const int64_t n = std::min(kLanes, K - i);
+        const vf normed = vround<T>(vmul(vload_n(row + i, n), scale));
+        vstore_n(y + m * K + i, vmul(vload_n(w + i, n), normed), n);
       }
     }
   });

@@ -9,8 +9,10 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace levante {
 
@@ -105,6 +107,76 @@ inline vf vload_fp8(const F* p) {
 }
 inline vf vload(const c10::Float8_e4m3fn* p) { return vload_fp8(p); }
 inline vf vload(const c10::Float8_e5m2* p) { return vload_fp8(p); }
+
+// Elementwise arithmetic as eager's operators do it, a vector at a time: each value widened to
+// float32, one IEEE operation, and the result rounded to the tensor's dtype (`vround`) where an
+// operator would hand back a tensor. For bfloat16 the rounding is c10's (to nearest even, NaN to
+// 0x7FC0); for float32 it is the value itself, kept a value so the compiler cannot fuse a product
+// into the next sum (an FMA rounds once: other bits than eager's two operators).
+#if defined(__AVX512F__)
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline __m512i bf16_bits(vf v) {  // c10::BFloat16's bits of each lane, in the high half of its word
+  const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), _mm512_set1_epi32(0x7fff));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7fc00000));
+}
+inline vf vround_bf16(vf v) { return _mm512_castsi512_ps(bf16_bits(v)); }
+inline void vstore(c10::BFloat16* p, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline __m256i bf16_bits(vf v) {
+  const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), _mm256_set1_epi32(0x7fff));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(u, bias), _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_set1_ps(std::bit_cast<float>(0x7fc00000u)), nan));
+}
+inline vf vround_bf16(vf v) { return _mm256_castsi256_ps(bf16_bits(v)); }
+inline void vstore(c10::BFloat16* p, vf v) {
+  const __m256i halves = _mm256_srli_epi32(bf16_bits(v), 16);  // 8 words < 2^16: pack, then gather the lanes
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0b1000);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#else
+inline vf vadd(vf a, vf b) { return a + b; }
+inline vf vmul(vf a, vf b) { return a * b; }
+inline vf vdiv(vf a, vf b) { return a / b; }
+inline vf vround_bf16(vf v) { return static_cast<float>(c10::BFloat16(v)); }
+inline void vstore(c10::BFloat16* p, vf v) { *p = c10::BFloat16(v); }
+#endif
+
+template <typename T>
+inline vf vround(vf v) {
+  if constexpr (std::is_same_v<T, float>) {
+    asm("" : "+x"(v));
+    return v;
+  } else {
+    return vround_bf16(v);
+  }
+}
+
+// The first n <= lanes values at p (zeros after them), and the first n lanes of v stored at p.
+template <typename T>
+inline vf vload_n(const T* p, int64_t n) {
+  if (n == kLanes) return vload(p);
+  T buffer[kLanes] = {};
+  std::memcpy(buffer, p, n * sizeof(T));
+  return vload(buffer);
+}
+template <typename T>
+inline void vstore_n(T* p, vf v, int64_t n) {
+  if (n == kLanes) return vstore(p, v);
+  T buffer[kLanes];
+  vstore(buffer, v);
+  std::memcpy(p, buffer, n * sizeof(T));
+}
 
 // The first n < lanes elements at p, zeros after them (adding 0·0 leaves an accumulator as it is).
 template <typename T, int64_t Lanes>

@@ -1,0 +1,131 @@
+"""The paged step's decoder layers in one call of Levante's CPU kernels
+(`torch.ops.levante.decode_layers`): a transform on a built `Runner`, as the compiled step is.
+
+A single-stream decode step of a small model spends as long calling operators as reading weights:
+eager, a dozen from Python per layer; compiled, ~240 from the generated wrapper plus the guard-free
+call's own prologue, ~2 ms a token on the demo model against ~8 ms of matmuls. The fused call runs
+the same kernels in the same order on the same tensors (norm, projection, rotary, KV write, paged
+attention, residual, SiLU·mul) from C++, so a step costs its matmuls, the embedding lookup, the final
+norm and LM head, and one call. The same bits as the eager step (tested token for token and logit
+for logit), so batch-invariant wherever the eager step is.
+
+It applies where every layer is the plain decoder on Levante's kernels: batch-invariant mode on CPU
+(dense weights on `kernels.linear`, GGUF blocks on `kernels.quant_linear`), one process (tensor
+parallelism's all-reduces live in its own modules), and ATen's elementwise exp reachable from the
+kernels' build (see csrc/decode.cpp). Elsewhere the compiled step (`compiled`) runs."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from levante import kernels
+from levante.engine.attention import CpuPagedAttention
+from levante.engine.linears import KernelLinear, KernelRMSNorm, PackedQuantLinear
+from levante.engine.runner import Runner
+
+log = logging.getLogger("levante.engine")
+
+
+def _projection(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
+    """(tensors, spec) of a projection in the layout csrc/decode.cpp reads, None if not a kernel's."""
+    if isinstance(module, KernelLinear):
+        return [module.weight], [0, module.out_features]
+    if isinstance(module, PackedQuantLinear):
+        blocks = [getattr(module, f"blocks{i}") for i in range(len(module.qtypes))]
+        return blocks, [len(blocks), module.in_features, *module.qtypes]
+    return None
+
+
+def flatten(runner: Runner) -> tuple[list[torch.Tensor], list[int], float] | None:
+    """Every layer's weights and spec for `decode_layers`, and the norms' epsilon; None where a layer
+    is not the plain decoder on Levante's kernels."""
+    tensors: list[torch.Tensor] = []
+    spec: list[int] = []
+    eps: set[float] = set()
+    for index, layer in enumerate(runner.model.decoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if (
+            attn.layer != index
+            or mlp.act is not F.silu
+            or not all(isinstance(n, KernelRMSNorm) for n in norms)
+        ):
+            return None
+        parts = [norms[0], attn.qkv_proj, attn.o_proj, norms[1], mlp.gate_up_proj, mlp.down_proj]
+        for part in parts:
+            if isinstance(part, KernelRMSNorm):
+                tensors.append(part.weight)
+                eps.add(part.eps)
+                continue
+            projection = _projection(part)
+            if projection is None:
+                return None
+            tensors += projection[0]
+            spec += projection[1]
+    if len(eps) != 1:
+        return None
+    return tensors, spec, eps.pop()
+
+
+class FusedStep:
+    """`runner.forward` for the steps `runner.paged` runs, the layers in one kernel call."""
+
+    def __init__(self, runner: Runner, weights: list[torch.Tensor], spec: list[int], eps: float) -> None:
+        self.runner, self.weights, self.spec, self.eps = runner, weights, spec, eps
+        assert isinstance(runner.attention, CpuPagedAttention)
+        self.store = runner.attention.store
+        attn = runner.model.decoder.layers[0].self_attn
+        self.heads, self.kv_heads = attn.num_heads, attn.num_kv_heads
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        rows: torch.Tensor,
+        seqs: torch.Tensor,
+        tables: torch.Tensor,
+        lens: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        model, store = self.runner.model, self.store
+        decoder = model.decoder
+        hidden = torch.ops.levante.decode_layers(
+            decoder.embed_tokens(ids),
+            decoder.rope,
+            positions,
+            self.weights,
+            self.spec,
+            len(decoder.layers),
+            store.k,
+            store.v,
+            slots,
+            rows,
+            seqs,
+            tables,
+            lens,
+            store.block_size,
+            self.heads,
+            self.kv_heads,
+            self.eps,
+        )
+        return model.logits(decoder.norm(hidden[keep]))  # a row's norm is its own: kept rows only
+
+
+def fuse_runner(runner: Runner) -> bool:
+    """Puts `runner.paged` on the fused layers where they apply (see the module's docstring); False
+    (and nothing changed) elsewhere."""
+    if not (runner.batch_invariant and isinstance(runner.attention, CpuPagedAttention) and kernels.load()):
+        return False
+    if not torch.ops.levante.decode_supported():
+        log.info("the fused step does not apply: the kernels were built for another ISA than ATen runs")
+        return False
+    flat = flatten(runner)
+    if flat is None:
+        return False
+    runner.paged = FusedStep(runner, *flat)
+    log.info("the paged step runs its layers in one call of Levante's CPU kernels")
+    return True

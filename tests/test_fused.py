@@ -1,0 +1,152 @@
+"""The fused step (`levante.engine.fused`: every layer of a paged step in one kernel call) against
+the eager step it replaces, logit for logit, on the demo model's GGUF blocks and its weights as
+int4 (the safetensors demo and the tiny Mistral3 with images run fused in test_batch_invariance,
+bit for bit against eager, alone, batched, cached, chunked and preempted, on every forced ISA);
+where it declines; what the kernel says of inputs it cannot take. And the weights' move into
+huge pages (`huge_pages`): the same values, tied tensors still shared, backed by 2 MiB pages where
+the kernel's setting allows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from levante import kernels
+from levante.engine import EngineConfig, SamplingParams
+from levante.engine.engine import Engine
+from levante.engine.fused import FusedStep, flatten, fuse_runner
+from levante.engine.huge_pages import ARENA, SMALLEST, _tensors, use_huge_pages
+from levante.engine.linears import use_linear_kernels
+from levante.loader import load
+from levante.tokenizer import PromptInputs
+
+
+def _engine(loaded, **config: object) -> Engine:  # type: ignore[no-untyped-def]
+    settings = dict(kv_cache_memory=0.05, max_num_seqs=4, max_num_batched_tokens=96)
+    return Engine(loaded.model, loaded.tokenizer, EngineConfig(**{**settings, **config}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("weights", ["gguf", "int4"])
+def test_fused_steps_give_the_eager_logits_bit_for_bit(weights: str) -> None:
+    assert kernels.load(), "the CPU kernels did not build"
+    kw = dict(quantized=True) if weights == "gguf" else dict(quantized=False, quantization="int4")
+    loaded = load(None, dtype="bfloat16", progress=False, **kw)
+    engine = _engine(loaded)
+    runner = engine.runner
+    eager = runner.forward
+    assert fuse_runner(runner) and isinstance(runner.paged, FusedStep)
+    fused, compared = runner.paged, []
+
+    def both(*args: torch.Tensor) -> torch.Tensor:  # eager first, then fused over the same cache slots
+        reference = eager(*args)
+        out = fused(*args)
+        compared.append((args[0].shape[0], torch.equal(out, reference)))
+        return out
+
+    runner.paged = both
+    for i in range(4):  # prompts of 40-61 tokens, prefilled in chunks beside others' decode rows
+        prompt = list(range(100 + i, 140 + 7 * i))
+        engine.add_request(
+            f"r{i}", PromptInputs(prompt), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        )
+    while engine.has_unfinished():
+        engine.step()
+    assert len(compared) > 12 and all(same for _, same in compared), compared
+    assert {rows for rows, _ in compared} >= {1, 4} and max(rows for rows, _ in compared) > 4
+
+
+def test_fusion_declines_what_it_cannot_run(tiny_mistral: Path) -> None:
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    assert not fuse_runner(_engine(loaded, batch_invariant=False).runner)  # oneDNN's linears: not its kernels
+    runner = _engine(loaded).runner
+    assert flatten(runner) is not None
+    layer = runner.model.decoder.layers[1].self_attn
+    layer.o_proj = nn.Sequential(layer.o_proj)  # a module it does not know (as tensor parallelism's)
+    assert flatten(runner) is None and not fuse_runner(runner)
+    assert runner.paged == runner.forward
+
+
+def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Path) -> None:
+    loaded = load(tiny_mistral, dtype="float32", progress=False)
+    runner = _engine(loaded).runner
+    flat = flatten(runner)
+    assert flat is not None
+    weights, spec, eps = flat
+    store, attn = runner.attention.store, runner.model.decoder.layers[0].self_attn
+    one = torch.zeros(1, dtype=torch.long)
+    decoder = runner.model.decoder
+    embeds = decoder.embed_tokens(one)
+
+    def call(weights: list[torch.Tensor], spec: list[int]) -> torch.Tensor:
+        return torch.ops.levante.decode_layers(
+            embeds, decoder.rope, one, weights, spec, len(decoder.layers), store.k, store.v, one * 0, one * 0,
+            one * 0, one.view(1, 1), one + 1, store.block_size, attn.num_heads, attn.num_kv_heads, eps,
+        )  # fmt: skip
+
+    assert call(weights, spec).shape == embeds.shape
+    with pytest.raises(RuntimeError, match="decode_layers: fewer weights than the spec describes"):
+        call(weights[:-1], spec)
+    with pytest.raises(RuntimeError, match="decode_layers: the spec ends early"):
+        call(weights, spec[:-2])
+    with pytest.raises(RuntimeError, match="decode_layers: more weights or spec than"):
+        call([*weights, weights[0]], spec)
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address`, in KiB."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _big(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of at least SMALLEST bytes under `module`, by its path."""
+    return {
+        f"{path}.{name}": t
+        for path, m in module.named_modules()
+        for name, t in _tensors(m)
+        if t.numel() * t.element_size() >= SMALLEST
+    }
+
+
+def test_weights_move_to_huge_pages_with_their_values_and_sharing() -> None:
+    loaded = load(None, dtype="bfloat16", quantized=False, progress=False)
+    decoder = loaded.model.decoder
+    use_linear_kernels(loaded.model, batch_invariant=True)  # as the engine does first: packed weights too
+    before = {path: t.clone() for path, t in _big(decoder).items()}
+    assert len(before) >= 120
+    moved = use_huge_pages(decoder)
+    after = _big(decoder)
+    assert (
+        after.keys() == before.keys()
+        and moved >= sum(t.numel() * t.element_size() for t in before.values()) // 2
+    )
+    for path, t in after.items():
+        assert torch.equal(t, before[path]), path
+    head = decoder.lm_head.weight
+    assert head.data_ptr() == decoder.embed_tokens.weight.data_ptr()  # the tied head still shares it
+    arenas = {t.untyped_storage().data_ptr(): t.data_ptr() for t in after.values()}
+    assert len(arenas) <= 1 + moved // ARENA  # packed into a few arenas, not one block per tensor
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    huge = sum(_anon_huge_kib(address) for address in arenas.values()) << 10
+    if "[never]" in setting:  # the kernel backs nothing with huge pages: the move changed nothing else
+        assert huge == 0
+    else:  # madvise or always: advised, written ranges are backed by 2 MiB pages
+        assert huge >= moved // 2, (huge, moved)
+    assert use_huge_pages(decoder) == 0  # what is in an arena stays there
+
+
+def test_the_engine_serves_from_huge_pages() -> None:
+    decoder = _engine(load(None, dtype="bfloat16", quantized=False, progress=False)).model.decoder
+    head = decoder.lm_head.weight
+    assert head.untyped_storage().nbytes() > head.numel() * head.element_size()  # inside an arena
+    assert use_huge_pages(decoder) == 0  # nothing left to move
