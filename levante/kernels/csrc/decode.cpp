@@ -12,7 +12,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
