@@ -1,10 +1,10 @@
 """The fused step (`levante.engine.fused`: every layer of a paged step in one kernel call) against
 the eager step it replaces, logit for logit, on the demo model's GGUF blocks and its weights as
-int4 (the safetensors demo and the tiny Mistral3 with images run fused in test_batch_invariance,
-bit for bit against eager, alone, batched, cached, chunked and preempted, on every forced ISA);
-where it declines; what the kernel says of inputs it cannot take. And the weights' move into
-huge pages (`huge_pages`): the same values, tied tensors still shared, backed by 2 MiB pages where
-the kernel's setting allows."""
+int4 (the demo dequantized and the tiny Mistral3 with images run fused in test_batch_invariance,
+bit for bit against eager, alone, batched, cached, chunked and preempted; the tiny one on every
+forced ISA too); where it declines; what the kernel says of inputs it cannot take. And the weights'
+move into huge pages (`huge_pages`): the same values, tied tensors still shared, backed by 2 MiB
+pages where the kernel's setting allows."""
 
 from __future__ import annotations
 
@@ -145,8 +145,12 @@ def test_weights_move_to_huge_pages_with_their_values_and_sharing() -> None:
     assert use_huge_pages(decoder) == 0  # what is in an arena stays there
 
 
-def test_the_engine_serves_from_huge_pages() -> None:
-    decoder = _engine(load(None, dtype="bfloat16", quantized=False, progress=False)).model.decoder
+def test_an_engine_set_up_for_speed_serves_from_huge_pages() -> None:
+    loaded = load(None, dtype="bfloat16", quantized=False, progress=False)
+    eager = _engine(loaded)  # the library's default, the reference: weights left where they were
+    assert use_huge_pages(eager.model.decoder) > 0
+    loaded = load(None, dtype="bfloat16", quantized=False, progress=False)
+    decoder = _engine(loaded, compile=True).model.decoder
     head = decoder.lm_head.weight
     assert head.untyped_storage().nbytes() > head.numel() * head.element_size()  # inside an arena
     assert use_huge_pages(decoder) == 0  # nothing left to move

@@ -57,9 +57,10 @@ class EngineConfig:
     batch_invariant: bool = True  # a token's logits independent of the rest of the batch (see linears)
     loop_guard: RepetitionDetection | None = None  # applied to requests that do not set their own
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), fp8 (= fp8_e4m3), fp8_e4m3, fp8_e5m2
-    # the step compiled at start (see `compiled`); the library's default stays eager, the reference
-    # (and the test suite's engines start in a second, not a compile's quarter minute); the CLI
-    # compiles unless --enforce-eager, as vLLM
+    # the step compiled at start (see `compiled`), and on CPU the weights moved to huge pages (see
+    # `huge_pages`); the library's default stays eager, the reference (and the test suite's engines
+    # start in a second, not a compile's quarter minute); the CLI compiles unless --enforce-eager,
+    # as vLLM
     compile: bool = False
     # with `compile`, on CPU: the paged step's layers in one call of Levante's kernels where the
     # model allows it (see `fused`; same bits as eager, no compile); False: Inductor compiles them
@@ -538,7 +539,7 @@ def build_runner(model: Model, config: EngineConfig, publish: Callable[[Step], N
     text = model.config.text
     weight = model.decoder.norm.weight
     invariant = use_linear_kernels(model, config.batch_invariant)  # repacked weights: before the KV budget
-    if weight.device.type == "cpu":
+    if config.compile and weight.device.type == "cpu":  # set up for speed: weights on 2 MiB pages too
         use_huge_pages(model.decoder)
     kv_dtype = KV_CACHE_DTYPES[config.kv_cache_dtype] or weight.dtype
     kv_heads = model.decoder.layers[0].self_attn.num_kv_heads
