@@ -77,14 +77,15 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
     assert flat is not None
     weights, spec, eps = flat
     store, attn = runner.attention.store, runner.model.decoder.layers[0].self_attn
-    one = torch.zeros(1, dtype=torch.long)
+    zero = torch.zeros(1, dtype=torch.long)
     decoder = runner.model.decoder
-    embeds = decoder.embed_tokens(one)
+    embeds = decoder.embed_tokens(zero)
 
-    def call(weights: list[torch.Tensor], spec: list[int]) -> torch.Tensor:
+    def call(weights: list[torch.Tensor], spec: list[int], positions: torch.Tensor = zero) -> torch.Tensor:
         return torch.ops.levante.decode_layers(
-            embeds, decoder.rope, one, weights, spec, len(decoder.layers), store.k, store.v, one * 0, one * 0,
-            one * 0, one.view(1, 1), one + 1, store.block_size, attn.num_heads, attn.num_kv_heads, eps,
+            embeds, decoder.rope, positions, weights, spec, len(decoder.layers), store.k, store.v,
+            zero, zero, zero, zero.view(1, 1), zero + 1,  # slots, rows, seqs, tables, lens
+            store.block_size, attn.num_heads, attn.num_kv_heads, eps,
         )  # fmt: skip
 
     assert call(weights, spec).shape == embeds.shape
@@ -94,6 +95,9 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
         call(weights, spec[:-2])
     with pytest.raises(RuntimeError, match="decode_layers: more weights or spec than"):
         call([*weights, weights[0]], spec)
+    past = decoder.rope.shape[1]  # a position the rotary table has no row for
+    with pytest.raises(RuntimeError, match=f"decode_layers: position {past} past the rotary table"):
+        call(weights, spec, zero + past)
 
 
 def _anon_huge_kib(address: int) -> int:
