@@ -8,6 +8,7 @@ pages where the kernel's setting allows."""
 
 from __future__ import annotations
 
+import ctypes
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from levante import kernels
 from levante.engine import EngineConfig, SamplingParams
 from levante.engine.engine import Engine
 from levante.engine.fused import FusedStep, flatten, fuse_runner
-from levante.engine.huge_pages import ARENA, SMALLEST, _tensors, use_huge_pages
+from levante.engine.huge_pages import ARENA, SMALLEST, Arena, _tensors, use_huge_pages
 from levante.engine.linears import use_linear_kernels
 from levante.loader import load
 from levante.tokenizer import PromptInputs
@@ -158,3 +159,20 @@ def test_an_engine_set_up_for_speed_serves_from_huge_pages() -> None:
     head = decoder.lm_head.weight
     assert head.untyped_storage().nbytes() > head.numel() * head.element_size()  # inside an arena
     assert use_huge_pages(decoder) == 0  # nothing left to move
+
+
+def test_only_an_arena_s_own_storage_counts_as_moved() -> None:
+    """Memory at an arena's address is not the arena: a block freed and its address handed to a later
+    model's tensor (glibc unmaps and maps blocks this large at the same place) left that tensor
+    where it was and the engine serving it on 4 KiB pages (CI, where the demo model loads many times)."""
+    layer = nn.Linear(512, 512)
+    assert use_huge_pages(layer) == 512 * 512 * 4
+    storage = layer.weight.untyped_storage()
+    memory = (ctypes.c_uint8 * storage.nbytes()).from_address(storage.data_ptr())
+    alias = torch.frombuffer(memory, dtype=torch.uint8)
+    assert alias.data_ptr() == storage.data_ptr() and not Arena.holds(alias) and Arena.holds(layer.weight)
+    size = storage.nbytes()
+    del layer, storage, alias
+    later = nn.Linear(512, 512)
+    later.weight.data = torch.empty(size, dtype=torch.uint8).view(torch.float32)[: 512 * 512].view(512, 512)
+    assert use_huge_pages(later) == 512 * 512 * 4  # wherever the allocator put it, it moves

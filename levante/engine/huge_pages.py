@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 PAGE = 2 << 20
 ARENA = 64 << 20
@@ -42,9 +43,10 @@ def _madvise() -> Callable[[int, int], bool] | None:
     return advise
 
 
-# where every arena block starts: a tensor in one is not moved again (an engine built twice over one
-# model); an address freed and reused by a later tensor at worst leaves that tensor where it is
-_BLOCKS: set[int] = set()
+# every arena block, weakly: a tensor in one is not moved again (an engine built twice over one model).
+# A weak reference, not the block's address: a block freed and its address reused by a later model's
+# tensor must not make that tensor look moved (it did, in a suite that loads the demo model many times)
+_BLOCKS: set[StorageWeakRef] = set()
 
 
 class Arena:
@@ -57,7 +59,7 @@ class Arena:
 
     @staticmethod
     def holds(t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() in _BLOCKS
+        return StorageWeakRef(t.untyped_storage()) in _BLOCKS
 
     def place(self, t: torch.Tensor) -> torch.Tensor | None:
         """A copy of contiguous `t` in the arena; None where the kernel refused the advice."""
@@ -68,7 +70,8 @@ class Arena:
             start = -raw.data_ptr() % PAGE
             if not self.advise(raw.data_ptr() + start, length):
                 return None
-            _BLOCKS.add(raw.untyped_storage().data_ptr())
+            _BLOCKS.difference_update([block for block in list(_BLOCKS) if block.expired()])
+            _BLOCKS.add(StorageWeakRef(raw.untyped_storage()))
             self.block, self.next, self.end = raw, start, start + length
         copy = self.block[self.next : self.next + size].view(t.dtype).view(t.shape)
         copy.copy_(t)
