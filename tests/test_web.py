@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 from servers import ServerProcess
 from test_metering import levante, new_key
 
@@ -526,6 +526,56 @@ def test_an_uploaded_image_reaches_the_model(tiny: ServerProcess, browser: Brows
         answer = api(tiny.url, f"/web/api/spaces/{space}", "sk-test")[1]["messages"][1]
         prompts.append(answer["usage"]["prompt_tokens"])
     assert prompts[1] - prompts[0] > 2  # the image's tokens: [IMG]s, [IMG_BREAK]s, [IMG_END]
+    member.close()
+
+
+def test_a_late_reply_does_not_undo_a_finished_answer(tiny: ServerProcess, browser: Browser) -> None:
+    """The tiny model answers in a fraction of a second: the stream can tell the page the answer is
+    done before the POST that asked for it (or the regeneration) returns with the answer just begun.
+    The browser here holds each reply until the server has finished the answer; the page must keep
+    the finished answer (it showed "streaming…" forever in a CI run)."""
+    member = Member(browser, tiny.url).sign_in("sk-test")
+    space = new_space(member, "Fast answers")
+
+    def held(route: Route) -> None:  # until the answer in the reply is done, in the store
+        if route.request.method != "POST":
+            return route.continue_()
+        reply = route.fetch()
+        body = reply.json()
+        answer = body.get("answer") or body
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = api(tiny.url, f"/web/api/spaces/{space}", "sk-test")[1]["messages"][-1]
+            if now["status"] == "done" and now["revision"] > answer["revision"]:
+                break
+            time.sleep(0.05)
+        route.fulfill(response=reply)
+
+    replies = re.compile(r".*/messages(/\d+/regenerate)?$")
+    member.page.route(replies, held)
+    member.page.evaluate(  # counts the replies the page has read: it handles each in the same task
+        """(pattern) => {
+        const fetched = window.fetch, replies = new RegExp(pattern);
+        window.__replied = 0;
+        window.fetch = (...args) => fetched(...args).then((res) => {
+            if (!replies.test(String(args[0]))) return res;
+            const read = res.json.bind(res);
+            res.json = () => read().then((body) => { window.__replied++; return body; });
+            return res;
+        });
+    }""",
+        replies.pattern,
+    )
+    answer = member.messages("assistant").first
+    member.send("@tiny quick")
+    member.page.wait_for_function("() => window.__replied === 1", timeout=70_000)
+    expect(answer).to_have_attribute("data-status", "done", timeout=1_000)
+    first = api(tiny.url, f"/web/api/spaces/{space}", "sk-test")[1]["messages"][1]
+    answer.locator("[data-testid=regenerate]").click()
+    member.page.wait_for_function("() => window.__replied === 2", timeout=70_000)
+    expect(answer).to_have_attribute("data-status", "done", timeout=1_000)
+    again = api(tiny.url, f"/web/api/spaces/{space}", "sk-test")[1]["messages"][1]
+    assert again["status"] == "done" and again["revision"] > first["revision"]
     member.close()
 
 

@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS changes (
     ref INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_space ON changes (space, id);
+CREATE INDEX IF NOT EXISTS changes_by_object ON changes (kind, ref);
 CREATE TABLE IF NOT EXISTS sessions (
     digest TEXT PRIMARY KEY,
     key_id INTEGER,
@@ -144,7 +145,16 @@ def _message(row: sqlite3.Row) -> dict[str, Any]:
         "asked_in": row["asked_in"],
         "model": row["model"],
         "usage": json.loads(row["usage"]) if row["usage"] else None,
+        "revision": row["revision"],
     }
+
+
+# a message with its revision: the id of its latest change. A page orders what it hears of a message
+# by it: the reply to a post or a regeneration may reach it after the stream said the answer was done
+_MESSAGES = (
+    "SELECT m.*, (SELECT MAX(c.id) FROM changes c WHERE c.kind = 'message' AND c.ref = m.id) AS revision "
+    "FROM messages m"
+)
 
 
 def _note(row: sqlite3.Row) -> dict[str, Any]:
@@ -338,14 +348,14 @@ class Store:
         return self.message(asked), self.message(reply) if reply is not None else None
 
     def message(self, message_id: int) -> dict[str, Any]:
-        row = self.db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        row = self.db.execute(f"{_MESSAGES} WHERE m.id = ?", (message_id,)).fetchone()
         if row is None:
             raise KeyError(message_id)
         return _message(row)
 
     def messages(self, space: str, before: int | None = None) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT * FROM messages WHERE space = ? AND (? IS NULL OR id < ?) ORDER BY id",
+            f"{_MESSAGES} WHERE m.space = ? AND (? IS NULL OR m.id < ?) ORDER BY m.id",
             (space, before, before),
         ).fetchall()
         return [_message(r) for r in rows]

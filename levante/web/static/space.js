@@ -181,8 +181,10 @@ export function mountSpace(root, ctx, id) {
 
   function upsertMessage(msg) {
     const stick = nearEnd();
-    // A POST reply can arrive after the stream already delivered more of the same answer: keep the longer text.
+    // A POST's reply can reach the page after the stream: one older than what the stream showed (the
+    // answer done before its POST returned) is dropped; one as old as a streaming answer keeps the longer text.
     const prev = messages.get(msg.id);
+    if (prev && prev.revision > msg.revision) return;
     if (prev?.status === "streaming" && msg.status === "streaming" && prev.content.startsWith(msg.content)) msg = { ...msg, content: prev.content };
     messages.set(msg.id, msg);
     const node = renderMessage(msg);
