@@ -29,4 +29,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check levante tests benchmarks docs
 
 test: $(STAMP) browser lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25
