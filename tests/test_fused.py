@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_batch_invariance import kv_gib
+from test_compiled import chats, run
 from torch import nn
 
 from levante import kernels
@@ -22,7 +24,7 @@ from levante.engine.engine import Engine
 from levante.engine.fused import FusedStep, flatten, fuse_runner
 from levante.engine.huge_pages import ARENA, SMALLEST, Arena, _tensors, use_huge_pages
 from levante.engine.linears import use_linear_kernels
-from levante.loader import load
+from levante.loader import demo_model_path, load
 from levante.tokenizer import PromptInputs
 
 
@@ -58,6 +60,21 @@ def test_fused_steps_give_the_eager_logits_bit_for_bit(weights: str) -> None:
         engine.step()
     assert len(compared) > 12 and all(same for _, same in compared), compared
     assert {rows for rows, _ in compared} >= {1, 4} and max(rows for rows, _ in compared) > 4
+
+
+def test_the_demo_compiled_on_cpu_gives_the_eager_tokens_for_32_mixed_chats() -> None:
+    """test_compiled's 32 chats (joining and leaving, grammar-bound, preempted) on the demo model, as
+    `compile` runs it on CPU: its GGUF blocks in the fused step."""
+    loaded = load(demo_model_path(), dtype="bfloat16", progress=False)
+    inputs = chats(loaded, images=False)
+    settings = dict(max_num_seqs=8, max_num_batched_tokens=256)
+    eager = run(_engine(loaded, **settings), inputs)
+    assert len({tuple(t) for t in eager}) > 16  # the answers differ from each other
+    fused = _engine(loaded, compile=True, **settings)
+    assert isinstance(fused.runner.paged, FusedStep)
+    assert run(fused, inputs) == eager
+    preempted = _engine(loaded, compile=True, max_num_seqs=8, kv_cache_memory=kv_gib(loaded, 200))
+    assert run(preempted, inputs[:6]) == eager[:6] and preempted.stats.preemptions > 0
 
 
 def test_fusion_declines_what_it_cannot_run(tiny_mistral: Path) -> None:
