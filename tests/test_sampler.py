@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
-from levante.engine.sampler import SampleRow, _adjusted, check_vocab, sample
+from levante import kernels
+from levante.engine.sampler import SampleRow, _adjusted, _argmax, _blocked_argmax, check_vocab, sample
 from levante.engine.sampling_params import SamplingParams
 
 
@@ -45,6 +46,26 @@ def test_greedy_is_argmax_with_ties_to_lowest_id(vocab: int) -> None:
     got = [s.token for s in sample(logits, [row(temperature=0.0) for _ in range(6)])]
     assert got == logits.argmax(-1).tolist()
     assert got[1:4] == [vocab // 2, 3, vocab - 1]
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 16, 1024, 1500, 49152])
+@pytest.mark.parametrize("argmax", [_argmax, _blocked_argmax], ids=["kernel", "blocked"])
+def test_both_argmaxes_answer_as_torch_does(
+    vocab: int, argmax: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Ties to the lowest id, NaN above everything (its first), a row of -inf its first id, rows at a
+    stride: Levante's kernel (CPU) and the blocked fallback (elsewhere) against torch.argmax."""
+    assert kernels.load()
+    x = torch.randn(8, vocab + 3, generator=torch.Generator().manual_seed(vocab))[:, :vocab]
+    x[1, vocab // 2] = x[1, vocab - 1] = 50.0
+    x[2, -1] = 60.0
+    x[3, vocab - 1] = math.nan
+    x[4, vocab // 3] = math.nan
+    x[4, 0] = math.inf
+    x[5] = -math.inf
+    x[6, vocab // 2] = math.inf
+    assert argmax(x).tolist() == x.argmax(-1).tolist()
+    assert argmax(x[:1]).tolist() == x[:1].argmax(-1).tolist()
 
 
 def test_logit_bias_forces_and_bans_tokens() -> None:

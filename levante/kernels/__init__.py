@@ -1,6 +1,6 @@
 """Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `rms_norm`, `paged_attention`,
-`write_kv`), compiled from `csrc/` at first use and registered with torch.library (with fake
-implementations, so torch.compile traces through them).
+`write_kv`, `decode_layers`, `argmax`), compiled from `csrc/` at first use and registered with
+torch.library (with fake implementations, so torch.compile traces through them).
 
 The build is keyed by the instruction set it targets, so a cache shared between machines never
 hands one CPU another's code: the machine's own (`-march=native`, keyed by its CPU flags), or a
@@ -131,6 +131,12 @@ def pack_quant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     if blocks.shape[0] % 16 == 0 and torch.ops.levante.quant_packable(qtype):
         return torch.ops.levante.pack_quant(blocks.contiguous(), qtype)
     return blocks
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of float32 [rows, V], ties to the lowest id, the first NaN above all (as
+    torch.argmax), in one call (see csrc/argmax.cpp)."""
+    return torch.ops.levante.argmax(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,5 +4,6 @@
 #include "attention.cpp"
 #include "linear.cpp"
 #include "norm.cpp"
+#include "argmax.cpp"
 #include "quant.cpp"
 #include "decode.cpp"  // calls the kernels above

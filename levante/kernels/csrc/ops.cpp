@@ -9,6 +9,7 @@ TORCH_LIBRARY(levante, m) {
   m.def("pack_quant(Tensor blocks, int type) -> Tensor");
   m.def("dequantize(Tensor blocks, int type, Tensor(a!) out) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("argmax(Tensor x) -> Tensor");
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor seqs, Tensor tables, "
       "Tensor lens, int block_size, Tensor(a!) out) -> ()");
