@@ -717,7 +717,8 @@ void dot_in_registers(const W& w, const QuantizedX& xq, int64_t K, T* y, int64_t
 // Group, so reading the weights overlaps the arithmetic and nothing is allocated per call. The same sums and factors, in the
 // same order, as dot_rows: the same bits.
 template <int64_t Type, typename W, typename T>
-void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0, Group& block) {
+void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0,
+                  std::optional<Group>& block) {
   constexpr bool Scales = Type == Q6_K;
   const int64_t per = format(Type).elements / 32;  // chunks per block
   switch (M) {  // up to 5 rows' sums fit the registers (from 6 they spill, and lose to the Group)
@@ -728,18 +729,19 @@ void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, 
     case 5: return dot_in_registers<Type, 5>(w, xq, K, y, N, n0);
     default: break;
   }
+  Group& g = block ? *block : block.emplace(256);  // the largest block; allocated once a call needs it
   vf acc[kStream][kVectors];
   zero(rows_at<kStream>(acc, 0));
   for (int64_t kb = 0; kb < K / 32 / per; ++kb) {
     prefetch_ahead<Type>(w, kb);
-    unpack_lanes<Type>(w, kb, kb + 1, block);
+    unpack_lanes<Type>(w, kb, kb + 1, g);
     const int64_t b0 = kb * per, b1 = b0 + per;
     int64_t m = 0;
-    for (; m + kRows <= M; m += kRows) dot_chunks<kRows, Scales>(block, xq, m, K, b0, b1, rows_at<kRows>(acc, m));
+    for (; m + kRows <= M; m += kRows) dot_chunks<kRows, Scales>(g, xq, m, K, b0, b1, rows_at<kRows>(acc, m));
     switch (M - m) {
-      case 3: dot_chunks<3, Scales>(block, xq, m, K, b0, b1, rows_at<3>(acc, m)); break;
-      case 2: dot_chunks<2, Scales>(block, xq, m, K, b0, b1, rows_at<2>(acc, m)); break;
-      case 1: dot_chunks<1, Scales>(block, xq, m, K, b0, b1, rows_at<1>(acc, m)); break;
+      case 3: dot_chunks<3, Scales>(g, xq, m, K, b0, b1, rows_at<3>(acc, m)); break;
+      case 2: dot_chunks<2, Scales>(g, xq, m, K, b0, b1, rows_at<2>(acc, m)); break;
+      case 1: dot_chunks<1, Scales>(g, xq, m, K, b0, b1, rows_at<1>(acc, m)); break;
       default: break;
     }
   }
@@ -751,7 +753,7 @@ void dot_streamed(const W& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, 
 // of one part and a type unpack_lanes takes; false (nothing done) elsewhere.
 template <typename T>
 bool stream_group(const Weights& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t n0,
-                  Group& block) {
+                  std::optional<Group>& block) {
 #if defined(__AVX512F__)
   const auto [part, first] = w.locate(n0);
   const int64_t rows = std::min(kGroup, N - n0);
@@ -848,8 +850,9 @@ void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N
 #if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
     if (amx) amx_configure_int8();
 #endif
-    std::optional<Group> whole;  // allocated where a group does not stream
-    Group block(256);                // the largest block
+    // allocated where a group does not stream, or streams through L1 (never in a decode step: its
+    // few rows' sums stay in registers; five allocations a thread and call were 0.1-0.2 ms a token)
+    std::optional<Group> whole, block;
     std::vector<uint8_t> tmp;
     for (int64_t i = first; i < last; ++i) {
       const int64_t n0 = i * kGroup;
