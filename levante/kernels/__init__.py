@@ -63,7 +63,7 @@ def load() -> bool:
         try:
             build(
                 name=f"levante_cpu_{name}_{digest}",
-                sources=[str(SOURCES / "kernels.cpp")],  # includes the other files
+                sources=[str(SOURCES / "kernels.cpp"), str(SOURCES / "quant.cpp")],  # built side by side
                 extra_cflags=["-O3", "-fopenmp", *flags],  # at::parallel_for is OpenMP, inline
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "quant.h"
 #include "vec.h"
 
 extern "C" {  // exported by libtorch_cpu: the exp of ATen's float vectors (Vectorized<float>::exp)

@@ -25,6 +25,7 @@
 #include <optional>
 
 #include "gemm.h"
+#include "quant.h"
 
 namespace levante {
 namespace {
@@ -924,6 +925,8 @@ at::Tensor pack_quant(const at::Tensor& blocks, int64_t type) {
   return out;
 }
 
+}  // namespace
+
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
   TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "levante::quant_linear: one type per tensor");
   const int64_t K = in_features;
@@ -956,6 +959,8 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArray
   }
   return y.view(shape);
 }
+
+namespace {
 
 // Rows of quantized weights → `out` [rows, K] (float32 or bfloat16): embedding lookups and tests.
 void dequantize(const at::Tensor& blocks, int64_t type, at::Tensor& out) {
