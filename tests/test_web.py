@@ -246,6 +246,9 @@ def test_stop_regenerate_and_proposed_notes(team: Team, browser: Browser) -> Non
     ben.open(space)
     before = len(ledger_rows(team.db))
     ana.send(f"@{MODEL} tell me a long story about the sea")
+    # once it is writing: a stop before the engine request began would leave nothing to bill
+    body = ana.messages("assistant").first.locator("[data-testid=message-body]")
+    expect(body).to_have_text(re.compile(r"\S"))
     ana.page.click("[data-testid=stop]")
     for member in (ana, ben):
         expect(member.messages("assistant").first).to_have_attribute("data-status", "stopped")
