@@ -68,6 +68,14 @@ def test_both_argmaxes_answer_as_torch_does(
     assert argmax(x[:1]).tolist() == x[:1].argmax(-1).tolist()
 
 
+def test_the_argmax_kernel_refuses_what_it_cannot_read() -> None:
+    """The sampler hands it float32 rows only; anything else is refused by name, not misread."""
+    assert kernels.load()
+    for bad in (torch.zeros(2, 5, dtype=torch.bfloat16), torch.zeros(5), torch.zeros(5, 2).T):
+        with pytest.raises(RuntimeError, match=r"levante::argmax: float32 \[rows, V\] with V contiguous"):
+            kernels.argmax(bad)
+
+
 def test_logit_bias_forces_and_bans_tokens() -> None:
     logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(1))
     best = int(logits[0].argmax())

@@ -70,7 +70,7 @@ class Arena:
             start = -raw.data_ptr() % PAGE
             if not self.advise(raw.data_ptr() + start, length):
                 return None
-            _BLOCKS.difference_update([block for block in list(_BLOCKS) if block.expired()])
+            _BLOCKS.difference_update([block for block in _BLOCKS if block.expired()])
             _BLOCKS.add(StorageWeakRef(raw.untyped_storage()))
             self.block, self.next, self.end = raw, start, start + length
         copy = self.block[self.next : self.next + size].view(t.dtype).view(t.shape)

@@ -1,7 +1,7 @@
 // Row-wise argmax of float32 logits, ties to the lowest id and NaN above everything (the first NaN
-// wins), as torch.argmax answers. One call: the greedy token of a decode step costs ~5 µs here
-// against ~50 µs for the eight ATen operators of a blocked argmax (and several times that right
-// after a step's weights went through the caches).
+// wins), as torch.argmax answers. One call: a decode step's greedy token costs ~12 µs here (from
+// Python) against ~46 µs for the eight ATen operators of a blocked argmax, and several times that
+// right after a step's weights went through the caches.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,17 +13,6 @@
 
 namespace levante {
 namespace {
-
-#if defined(__AVX512F__)
-inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
-inline bool any_nan(vf v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
-#elif defined(__AVX2__)
-inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
-inline bool any_nan(vf v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
-#else
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline bool any_nan(vf v) { return std::isnan(v); }
-#endif
 
 int64_t row_argmax(const float* x, int64_t n) {
   vf best = vset1(-std::numeric_limits<float>::infinity());

@@ -117,6 +117,8 @@ inline vf vload(const c10::Float8_e5m2* p) { return vload_fp8(p); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+inline bool any_nan(vf v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
 inline __m512i bf16_bits(vf v) {  // c10::BFloat16's bits of each lane, in the high half of its word
   const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
   const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), _mm512_set1_epi32(0x7fff));
@@ -131,6 +133,8 @@ inline void vstore(c10::BFloat16* p, vf v) {
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+inline bool any_nan(vf v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
 inline __m256i bf16_bits(vf v) {
   const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
   const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), one), _mm256_set1_epi32(0x7fff));
@@ -148,6 +152,8 @@ inline void vstore(c10::BFloat16* p, vf v) {
 inline vf vadd(vf a, vf b) { return a + b; }
 inline vf vmul(vf a, vf b) { return a * b; }
 inline vf vdiv(vf a, vf b) { return a / b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // b where either is NaN
+inline bool any_nan(vf v) { return v != v; }
 inline vf vround_bf16(vf v) { return static_cast<float>(c10::BFloat16(v)); }
 inline void vstore(c10::BFloat16* p, vf v) { *p = c10::BFloat16(v); }
 #endif
