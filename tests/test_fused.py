@@ -99,23 +99,34 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
     decoder = runner.model.decoder
     embeds = decoder.embed_tokens(zero)
 
-    def call(weights: list[torch.Tensor], spec: list[int], positions: torch.Tensor = zero) -> torch.Tensor:
-        return torch.ops.levante.decode_layers(
-            embeds, decoder.rope, positions, weights, spec, len(decoder.layers), store.k, store.v,
-            zero, zero, zero, zero.view(1, 1), zero + 1,  # slots, rows, seqs, tables, lens
-            store.block_size, attn.num_heads, attn.num_kv_heads, eps,
+    def plan(weights: list[torch.Tensor], spec: list[int]) -> torch.ScriptObject:
+        return torch.classes.levante.DecodePlan(
+            decoder.rope, weights, spec, len(decoder.layers), store.block_size, attn.num_heads,
+            attn.num_kv_heads, eps,
         )  # fmt: skip
 
-    assert call(weights, spec).shape == embeds.shape
+    def call(rows: int = 1, position: int = 0, slot: int = 0) -> torch.Tensor:
+        ids = torch.zeros(rows, dtype=torch.long)
+        return torch.ops.levante.decode_layers(
+            plan(weights, spec), decoder.embed_tokens(ids), ids + position, store.k, store.v, ids + slot,
+            torch.arange(rows), ids, ids[:1].view(1, 1), ids + 1,  # rows, seqs, tables, lens
+        )  # fmt: skip
+
+    assert call().shape == embeds.shape
     with pytest.raises(RuntimeError, match="decode_layers: fewer weights than the spec describes"):
-        call(weights[:-1], spec)
+        plan(weights[:-1], spec)
     with pytest.raises(RuntimeError, match="decode_layers: the spec ends early"):
-        call(weights, spec[:-2])
+        plan(weights, spec[:-2])
     with pytest.raises(RuntimeError, match="decode_layers: more weights or spec than"):
-        call([*weights, weights[0]], spec)
+        plan([*weights, weights[0]], spec)
+    with pytest.raises(RuntimeError, match="decode_layers: the qkv weight must be dense"):
+        plan([weights[0], weights[2], *weights[2:]], spec)  # the o projection's weight where qkv's goes
     past = decoder.rope.shape[1]  # a position the rotary table has no row for
-    with pytest.raises(RuntimeError, match=f"decode_layers: position {past} past the rotary table"):
-        call(weights, spec, zero + past)
+    for rows in (1, 16):  # a decode step in one parallel region, and a chunk through the per-call kernels
+        with pytest.raises(RuntimeError, match=f"decode_layers: position {past} past the rotary table"):
+            call(rows, position=past)
+    with pytest.raises(RuntimeError, match="write_kv: slot -1 out of range"):
+        call(slot=-1)
 
 
 def _anon_huge_kib(address: int) -> int:

@@ -368,3 +368,34 @@ def test_a_nan_or_infinite_activation_gives_nan_outputs_as_float_would() -> None
     y = kernels.quant_linear(x, [blocks], [int(Q.Q4_K)], 512)
     assert y[:2].isnan().all() and y[2].isfinite().all()
     assert torch.equal(y[2:], kernels.quant_linear(x[2:], [blocks], [int(Q.Q4_K)], 512))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_x_rounds_to_int8_exactly_as_llama_cpp_q8_0(dtype: torch.dtype) -> None:
+    """x's rounding itself, not only its effect within a tolerance: Q4_1 weights that are one-hot
+    (code 1 at k = n, scale 1, min 0) make output n exactly code(x[n]) · scale(x's chunk), one float32
+    product (then the output dtype's rounding), to equal numpy's bit for bit: ties to even, a chunk of
+    zeros, values at ±amax, and random chunks, in every row count the kernels take apart."""
+    k = 128
+    codes = np.eye(k, dtype=np.uint8)  # row n: code 1 at k = n
+    nibbles = codes.reshape(k, k // 32, 2, 16)
+    blocks = np.zeros((k, k // 32, 20), dtype=np.uint8)
+    blocks[..., :2] = np.frombuffer(np.float16(1).tobytes(), dtype=np.uint8)  # d = 1, then m = 0
+    blocks[..., 4:] = nibbles[:, :, 0] | nibbles[:, :, 1] << 4
+    weights = torch.from_numpy(blocks.reshape(k, -1))
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(3)) * 3
+    x[0, :32] = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -127.0] * 4)  # d = 1: ties
+    x[0, 32:64] = 0.0
+    x = x.to(dtype)
+    chunks = x.float().numpy().reshape(x.shape[0], -1, 32)
+    d = np.abs(chunks).max(-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.clip(np.rint(chunks * inverse), -127, 127).astype(np.float32)
+    want = torch.from_numpy((q * d).reshape(x.shape)).to(dtype)
+    assert (q[0, 0, :8] == [127, 2, -4, 0, -0, 2, 126, -127]).all()
+    for m in (1, 2, 5, 6, 15, 16, 40):
+        assert torch.equal(kernels.quant_linear(x[-m:], [weights], [int(Q.Q4_1)], k), want[-m:]), m
+    if _packs(Q.Q4_1):  # 16 rows' words a load apart (the engine's layout on AVX-512)
+        packed = kernels.pack_quant(weights, int(Q.Q4_1))
+        assert torch.equal(kernels.quant_linear(x[:1], [packed], [int(Q.Q4_1)], k), want[:1])

@@ -74,11 +74,16 @@ class FusedStep:
     """`runner.forward` for the steps `runner.paged` runs, the layers in one kernel call."""
 
     def __init__(self, runner: Runner, weights: list[torch.Tensor], spec: list[int], eps: float) -> None:
-        self.runner, self.weights, self.spec, self.eps = runner, weights, spec, eps
+        self.runner = runner
         assert isinstance(runner.attention, CpuPagedAttention)
         self.store = runner.attention.store
-        attn = runner.model.decoder.layers[0].self_attn
-        self.heads, self.kv_heads = attn.num_heads, attn.num_kv_heads
+        decoder = runner.model.decoder
+        attn = decoder.layers[0].self_attn
+        # the weights checked and laid out once, not passed and read again at every step
+        self.plan = torch.classes.levante.DecodePlan(
+            decoder.rope, weights, spec, len(decoder.layers), self.store.block_size,
+            attn.num_heads, attn.num_kv_heads, eps,
+        )  # fmt: skip
 
     def __call__(
         self,
@@ -94,23 +99,7 @@ class FusedStep:
         model, store = self.runner.model, self.store
         decoder = model.decoder
         hidden = torch.ops.levante.decode_layers(
-            decoder.embed_tokens(ids),
-            decoder.rope,
-            positions,
-            self.weights,
-            self.spec,
-            len(decoder.layers),
-            store.k,
-            store.v,
-            slots,
-            rows,
-            seqs,
-            tables,
-            lens,
-            store.block_size,
-            self.heads,
-            self.kv_heads,
-            self.eps,
+            self.plan, decoder.embed_tokens(ids), positions, store.k, store.v, slots, rows, seqs, tables, lens
         )
         return model.logits(decoder.norm(hidden[keep]))  # a row's norm is its own: kept rows only
 

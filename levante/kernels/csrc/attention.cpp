@@ -81,44 +81,68 @@ inline float exp_shifted_sum(float* s, int64_t n, float mx) {
 }
 #endif
 
+// A thread's room for attend_heads: float32 copies of the query heads, their sums, one block's scores.
+struct AttentionScratch {
+  std::vector<float> qf, acc, score, m, l;
+  AttentionScratch(int64_t heads, int64_t d, int64_t bs) : qf(heads * d), acc(heads * d), score(heads * bs), m(heads), l(heads) {}
+};
+
+// The paged caches (one layer's, or fp8 of either dtype) and the step's rows, as paged_attention
+// takes them; `q` [rows, ...] with heads at q_stride per row, out [rows, hq, d].
 template <typename T, typename C>
-void attend(const T* q, const C* kc, const C* vc, const int64_t* rows, const int64_t* seqs,
-            const int64_t* tables, const int64_t* lens, T* out, int64_t batch, int64_t width,
-            int64_t q_stride, int64_t hq, int64_t hkv, int64_t d, int64_t slots, int64_t bs, float scale) {
-  const int64_t g = hq / hkv;
-  at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(g * d), acc(g * d), score(g * bs), m(g), l(g);
+struct Paged {
+  const T* q;
+  const C *kc, *vc;
+  const int64_t *rows, *seqs, *tables, *lens;
+  T* out;
+  int64_t width, q_stride, hq, hkv, d, slots, bs;
+  float scale;
+};
+
+// Row b's query heads [j0, j1) (those of KV head h = j0 / (hq / hkv)) over its context. Each head's
+// arithmetic is its own: splitting a KV head's heads among tasks leaves every bit as it is.
+template <typename T, typename C>
+void attend_heads(const Paged<T, C>& p, int64_t b, int64_t j0, int64_t j1, AttentionScratch& s) {
+  const int64_t d = p.d, bs = p.bs, h = j0 / (p.hq / p.hkv), g = j1 - j0, len = p.lens[b];
+  const int64_t* table = p.tables + p.seqs[b] * p.width;
+  const T* qrow = p.q + p.rows[b] * p.q_stride + j0 * d;
+  float *qf = s.qf.data(), *acc = s.acc.data(), *score = s.score.data(), *m = s.m.data(), *l = s.l.data();
+  for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(qrow[i]) * p.scale;
+  std::fill(acc, acc + g * d, 0.f);
+  std::fill(m, m + g, std::numeric_limits<float>::lowest());
+  std::fill(l, l + g, 0.f);
+  for (int64_t blk = 0; blk * bs < len; ++blk) {
+    const int64_t n = std::min(bs, len - blk * bs);
+    const int64_t base = (h * p.slots + table[blk] * bs) * d;
+    const C* kb = p.kc + base;
+    const C* vb = p.vc + base;
+    for (int64_t j = 0; j < g; ++j) block_scores(qf + j * d, kb, d, bs, score + j * bs);
+    for (int64_t j = 0; j < g; ++j) {
+      float* sj = score + j * bs;
+      const float mx = std::max(m[j], *std::max_element(sj, sj + n));
+      const float correction = std::exp(m[j] - mx);
+      l[j] = l[j] * correction + exp_shifted_sum(sj, n, mx);
+      m[j] = mx;
+      float* aj = acc + j * d;
+      for (int64_t i = 0; i < d; ++i) aj[i] *= correction;
+    }
+    for (int64_t j = 0; j < g; ++j) block_values(acc + j * d, score + j * bs, vb, n, d);
+  }
+  T* orow = p.out + (p.rows[b] * p.hq + j0) * d;
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t i = 0; i < d; ++i) orow[j * d + i] = static_cast<T>(acc[j * d + i] / l[j]);
+}
+
+template <typename T, typename C>
+void attend(const Paged<T, C>& p, int64_t batch) {
+  const int64_t g = p.hq / p.hkv;
+  at::parallel_for(0, batch * p.hkv, 1, [&](int64_t begin, int64_t end) {
+    AttentionScratch scratch(g, p.d, p.bs);
     for (int64_t task = begin; task < end; ++task) {
       // rows taken from both ends in turn: a prefill chunk's rows grow in length, and each
       // thread gets a contiguous range of tasks
-      const int64_t i = task / hkv, h = task % hkv;
-      const int64_t b = i % 2 ? batch - 1 - i / 2 : i / 2, len = lens[b];
-      const int64_t* table = tables + seqs[b] * width;
-      const T* qrow = q + rows[b] * q_stride + h * g * d;
-      for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(qrow[i]) * scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), std::numeric_limits<float>::lowest());
-      std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t blk = 0; blk * bs < len; ++blk) {
-        const int64_t n = std::min(bs, len - blk * bs);
-        const int64_t base = (h * slots + table[blk] * bs) * d;
-        const C* kb = kc + base;
-        const C* vb = vc + base;
-        for (int64_t j = 0; j < g; ++j) block_scores(qf.data() + j * d, kb, d, bs, score.data() + j * bs);
-        for (int64_t j = 0; j < g; ++j) {
-          float* sj = score.data() + j * bs;
-          const float mx = std::max(m[j], *std::max_element(sj, sj + n));
-          const float correction = std::exp(m[j] - mx);
-          l[j] = l[j] * correction + exp_shifted_sum(sj, n, mx);
-          m[j] = mx;
-          float* aj = acc.data() + j * d;
-          for (int64_t i = 0; i < d; ++i) aj[i] *= correction;
-        }
-        for (int64_t j = 0; j < g; ++j) block_values(acc.data() + j * d, score.data() + j * bs, vb, n, d);
-      }
-      T* orow = out + (rows[b] * hq + h * g) * d;
-      for (int64_t j = 0; j < g; ++j)
-        for (int64_t i = 0; i < d; ++i) orow[j * d + i] = static_cast<T>(acc[j * d + i] / l[j]);
+      const int64_t i = task / p.hkv, h = task % p.hkv;
+      attend_heads(p, i % 2 ? batch - 1 - i / 2 : i / 2, h * g, (h + 1) * g, scratch);
     }
   });
 }
@@ -138,9 +162,10 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   auto run = [&](auto* qp, auto* cache) {  // q/out in float32 or bfloat16; the cache in those or fp8
     using T = std::remove_pointer_t<decltype(qp)>;
     using C = std::remove_pointer_t<decltype(cache)>;
-    attend(q.data_ptr<T>(), kc.data_ptr<C>(), vc.data_ptr<C>(), rows.data_ptr<int64_t>(), seqs.data_ptr<int64_t>(),
-           tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<T>(), batch, width, q.stride(0), hq,
-           hkv, d, slots, block_size, scale);
+    attend(Paged<T, C>{q.data_ptr<T>(), kc.data_ptr<C>(), vc.data_ptr<C>(), rows.data_ptr<int64_t>(),
+                       seqs.data_ptr<int64_t>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                       out.data_ptr<T>(), width, q.stride(0), hq, hkv, d, slots, block_size, scale},
+           batch);
   };
   auto with_cache = [&](auto* qp) {
     using T = std::remove_pointer_t<decltype(qp)>;
@@ -160,6 +185,14 @@ void paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor
   }
 }
 
+// One head's d values → the cache's dtype; an fp8 cache saturates at its largest finite value.
+template <typename X, typename C>
+inline void store_head(const X* row, C* dst, int64_t d) {
+  const float top = sizeof(C) == 1 ? static_cast<float>(std::numeric_limits<C>::max())
+                                   : std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<C>(std::min(std::max(static_cast<float>(row[i]), -top), top));
+}
+
 // Stores one layer's new k, v [T, Hkv, D] at their cache slots (caches [layers, Hkv, slots, D]); an fp8
 // cache saturates at its largest finite value, as `KVStore.write` does. The whole caches and the layer
 // index are passed, not the layer's view, so a compiled graph mutates its input in place.
@@ -174,8 +207,6 @@ void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t laye
   auto run = [&](auto* xp, auto* cp) {
     using X = std::remove_pointer_t<decltype(xp)>;
     using C = std::remove_pointer_t<decltype(cp)>;
-    const float top = sizeof(C) == 1 ? static_cast<float>(std::numeric_limits<C>::max())
-                                     : std::numeric_limits<float>::infinity();
     for (const auto& [src, cache] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
       const X* x = src->template data_ptr<X>();
       C* c = cache->template data_ptr<C>() + layer * hkv * n * d;
@@ -184,7 +215,7 @@ void write_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t laye
         for (int64_t h = 0; h < hkv; ++h) {
           const X* row = x + t * src->stride(0) + h * src->stride(1);
           C* dst = c + (h * n + slot[t]) * d;
-          for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<C>(std::min(std::max(static_cast<float>(row[i]), -top), top));
+          store_head(row, dst, d);
         }
       }
     }

@@ -16,12 +16,54 @@
 
 namespace levante {
 
-// f(first, last) over ranges covering [0, n) once, on every thread, for work whose cost per item is
-// even but whose threads are not (a core that starts later or reads memory slower): each thread
-// walks its own equal share from the front, a step at a time, and one done with its share takes
-// steps from the back of the share with the most left, so all finish together and each still
-// streams through contiguous memory. What an item computes never depends on the thread, so
-// neither do the results.
+// Work items [0, n) dealt among `threads` threads for work whose cost per item is even but whose
+// threads are not (a core that starts later or reads memory slower): each thread walks its own equal
+// share from the front, a step at a time, and one done with its share takes steps from the back of
+// the share with the most left, so all finish together and each still streams through contiguous
+// memory. What an item computes never depends on the thread, so neither do the results. A share is
+// its front << 32 | back, alone on its cache line: a thread taking from its own share does not
+// take the line from the others' (for a small matmul's one-group steps, that was a transfer each).
+struct alignas(64) Share {
+  std::atomic<uint64_t> span;
+};
+
+inline void deal(Share* shares, int64_t n, int64_t threads) {
+  for (int64_t t = 0; t < threads; ++t)
+    shares[t].span = static_cast<uint64_t>(t * n / threads) << 32 | static_cast<uint64_t>((t + 1) * n / threads);
+}
+
+// f(first, last) over steps of the dealt items, by thread `mine` (< threads): its own share, then
+// the others' backs. Threads that never come leave their shares to those that do, so any number of
+// threads covers every item exactly once.
+template <typename F>
+void take_shares(Share* shares, int64_t n, int64_t threads, int64_t mine, const F& f) {
+  const int64_t step = std::max<int64_t>(1, n / (threads * 32));
+  auto take = [&](Share& share, bool front, int64_t& first, int64_t& last) {
+    uint64_t span = share.span.load();
+    for (;;) {
+      const int64_t a = static_cast<int64_t>(span >> 32), b = static_cast<int64_t>(span & 0xffffffffu);
+      if (a >= b) return false;
+      first = front ? a : std::max(a, b - step);
+      last = front ? std::min(b, a + step) : b;
+      const uint64_t left = front ? static_cast<uint64_t>(last) << 32 | b : static_cast<uint64_t>(a) << 32 | first;
+      if (share.span.compare_exchange_weak(span, left)) return true;
+    }
+  };
+  int64_t first, last;
+  while (take(shares[mine], true, first, last)) f(first, last);
+  for (;;) {  // then the back of whichever share has the most left
+    int64_t most = 0, victim = -1;
+    for (int64_t t = 0; t < threads; ++t) {
+      const uint64_t span = shares[t].span.load();
+      const int64_t left = static_cast<int64_t>(span & 0xffffffffu) - static_cast<int64_t>(span >> 32);
+      if (left > most) most = left, victim = t;
+    }
+    if (victim < 0) return;
+    if (take(shares[victim], false, first, last)) f(first, last);
+  }
+}
+
+// f(first, last) over ranges covering [0, n) once, on every thread, dealt as above.
 template <typename F>
 void balanced_for(int64_t n, const F& f) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
@@ -29,35 +71,10 @@ void balanced_for(int64_t n, const F& f) {
     if (n > 0) f(0, n);
     return;
   }
-  const int64_t step = std::max<int64_t>(1, n / (threads * 32));
-  std::vector<std::atomic<uint64_t>> shares(threads);  // each share's front << 32 | back
-  for (int64_t t = 0; t < threads; ++t)
-    shares[t] = static_cast<uint64_t>(t * n / threads) << 32 | static_cast<uint64_t>((t + 1) * n / threads);
-  auto take = [&](std::atomic<uint64_t>& share, bool front, int64_t& first, int64_t& last) {
-    uint64_t span = share.load();
-    for (;;) {
-      const int64_t a = static_cast<int64_t>(span >> 32), b = static_cast<int64_t>(span & 0xffffffffu);
-      if (a >= b) return false;
-      first = front ? a : std::max(a, b - step);
-      last = front ? std::min(b, a + step) : b;
-      const uint64_t left = front ? static_cast<uint64_t>(last) << 32 | b : static_cast<uint64_t>(a) << 32 | first;
-      if (share.compare_exchange_weak(span, left)) return true;
-    }
-  };
+  std::vector<Share> shares(threads);
+  deal(shares.data(), n, threads);
   at::parallel_for(0, threads, 1, [&](int64_t mine, int64_t end) {
-    int64_t first, last;
-    for (int64_t t = mine; t < end; ++t)
-      while (take(shares[t], true, first, last)) f(first, last);
-    for (;;) {  // then the back of whichever share has the most left
-      int64_t most = 0, victim = -1;
-      for (int64_t t = 0; t < threads; ++t) {
-        const uint64_t span = shares[t].load();
-        const int64_t left = static_cast<int64_t>(span & 0xffffffffu) - static_cast<int64_t>(span >> 32);
-        if (left > most) most = left, victim = t;
-      }
-      if (victim < 0) return;
-      if (take(shares[victim], false, first, last)) f(first, last);
-    }
+    for (int64_t t = mine; t < end; ++t) take_shares(shares.data(), n, threads, t, f);
   });
 }
 
@@ -155,6 +172,23 @@ void any_tile(int64_t rows, int64_t cols, const T* x, int64_t ldx, const T* w, i
     default: return row_tile<1>(cols, x, ldx, w, ldw, y, ldy, K);
   }
 }
+
+// Tiles [first, last) of NR outputs of y [M, N] = x·wᵀ (w [N, K] dense): the work balanced_for
+// shares out, M rows of x at a time.
+template <typename T>
+void gemm_tiles(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t N, int64_t K, int64_t first,
+                int64_t last) {
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t m1 = std::min(M, m0 + MC);
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t n = t * NR, cols = std::min<int64_t>(NR, N - n);
+      for (int64_t m = m0; m < m1; m += MR)
+        any_tile(std::min<int64_t>(MR, m1 - m), cols, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N, K);
+    }
+  }
+}
+
+inline int64_t gemm_tile_count(int64_t N) { return (N + NR - 1) / NR; }
 
 // x [..., K] as rows [M, K] whose rows may be strided, and y [M, N] for them, to be returned as
 // `shape` (x's leading dimensions, then N).

@@ -40,17 +40,7 @@ namespace {
 
 template <typename T>
 void gemm(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t tiles = (N + NR - 1) / NR;
-  balanced_for(tiles, [&](int64_t first, int64_t last) {
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t m1 = std::min(M, m0 + MC);
-      for (int64_t t = first; t < last; ++t) {
-        const int64_t n = t * NR, cols = std::min<int64_t>(NR, N - n);
-        for (int64_t m = m0; m < m1; m += MR)
-          any_tile(std::min<int64_t>(MR, m1 - m), cols, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N, K);
-      }
-    }
-  });
+  balanced_for(gemm_tile_count(N), [&](int64_t first, int64_t last) { gemm_tiles(x, ldx, w, y, M, N, K, first, last); });
 }
 
 // [N, K] → [ceil(N/32), ceil(K/32), 2, 16, 32]: amx_pack_block per block of 32 outputs.

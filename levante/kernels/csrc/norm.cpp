@@ -15,29 +15,31 @@ namespace levante {
 namespace {
 
 template <typename T>
+void norm_row(const T* row, const T* w, T* y, int64_t K, double eps) {
+  vf acc = vzero();
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    const vf v = vload(row + k);
+    acc = vfma(v, v, acc);
+  }
+  T tail[kLanes];
+  if (k < K) {
+    const vf v = vload(padded(row + k, K - k, tail));
+    acc = vfma(v, v, acc);
+  }
+  const float inv = 1.f / std::sqrt(vsum(acc) / static_cast<float>(K) + static_cast<float>(eps));
+  const vf scale = vset1(inv);
+  for (int64_t i = 0; i < K; i += kLanes) {  // the normed value in x's dtype, then times the weight
+    const int64_t n = std::min(kLanes, K - i);
+    const vf normed = vround<T>(vmul(vload_n(row + i, n), scale));
+    vstore_n(y + i, vmul(vload_n(w + i, n), normed), n);
+  }
+}
+
+template <typename T>
 void norm_rows(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t K, double eps) {
   at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      const T* row = x + m * ldx;
-      vf acc = vzero();
-      int64_t k = 0;
-      for (; k + kLanes <= K; k += kLanes) {
-        const vf v = vload(row + k);
-        acc = vfma(v, v, acc);
-      }
-      T tail[kLanes];
-      if (k < K) {
-        const vf v = vload(padded(row + k, K - k, tail));
-        acc = vfma(v, v, acc);
-      }
-      const float inv = 1.f / std::sqrt(vsum(acc) / static_cast<float>(K) + static_cast<float>(eps));
-      const vf scale = vset1(inv);
-      for (int64_t i = 0; i < K; i += kLanes) {  // the normed value in x's dtype, then times the weight
-        const int64_t n = std::min(kLanes, K - i);
-        const vf normed = vround<T>(vmul(vload_n(row + i, n), scale));
-        vstore_n(y + m * K + i, vmul(vload_n(w + i, n), normed), n);
-      }
-    }
+    for (int64_t m = first; m < last; ++m) norm_row(x + m * ldx, w, y + m * K, K, eps);
   });
 }
 

@@ -1,5 +1,5 @@
 // The schemas of Levante's CPU operators (torch.ops.levante.*); each kernel file registers its
-// implementation.
+// implementation (decode.cpp defines decode_layers beside the class its schema names).
 #include <torch/library.h>
 
 TORCH_LIBRARY(levante, m) {
@@ -14,8 +14,4 @@ TORCH_LIBRARY(levante, m) {
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor seqs, Tensor tables, "
       "Tensor lens, int block_size, Tensor(a!) out) -> ()");
   m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, int layer, Tensor slots, Tensor k, Tensor v) -> ()");
-  m.def(
-      "decode_layers(Tensor embeds, Tensor rope, Tensor positions, Tensor[] weights, int[] spec, int layers, "
-      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor rows, Tensor seqs, Tensor tables, Tensor lens, "
-      "int block_size, int heads, int kv_heads, float eps) -> Tensor");
 }

@@ -192,35 +192,69 @@ struct QuantizedX {
   std::vector<float> d, s, halves;
 };
 
+// One chunk of 32 values of x → its codes q, scale d and the sums of its halves' codes, as llama.cpp's
+// Q8_0 rounds it with the scale kept in float32. A NaN or infinite value makes the scale NaN (and
+// the codes 0), so the outputs are NaN as float's.
+template <typename T>
+inline void quantize_chunk(const T* x, int8_t* q, float& d, int32_t (&sums)[2]) {
+#if defined(__AVX512F__)
+  // the same operations 16 lanes at a time: |v|'s maximum is exact in any order, the product
+  // and VRNDSCALEPS's nearest-even rounding are nearbyint's under the default rounding mode
+  const __m512 a = vload(x), b = vload(x + 16), zero = _mm512_setzero_ps();
+  if ((_mm512_cmp_ps_mask(_mm512_sub_ps(a, a), zero, _CMP_EQ_OQ) &
+       _mm512_cmp_ps_mask(_mm512_sub_ps(b, b), zero, _CMP_EQ_OQ)) == 0xffff) {
+    d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.f;
+    const __m512 id = _mm512_set1_ps(d != 0.f ? 1.f / d : 0.f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(a, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(b, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+    sums[0] = _mm512_reduce_add_epi32(qa), sums[1] = _mm512_reduce_add_epi32(qb);
+    return;
+  }
+#endif
+  float v[32], amax = 0.f;
+  bool finite = true;
+  for (int l = 0; l < 32; ++l) {
+    v[l] = static_cast<float>(x[l]);
+    amax = std::max(amax, std::abs(v[l])), finite &= std::isfinite(v[l]);
+  }
+  d = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+  const float id = finite && d != 0.f ? 1.f / d : 0.f;
+  sums[0] = sums[1] = 0;
+  for (int l = 0; l < 32; ++l) {
+    q[l] = finite ? static_cast<int8_t>(std::clamp(std::nearbyint(v[l] * id), -127.f, 127.f)) : 0;
+    sums[l / 16] += q[l];
+  }
+}
+
+// Rows [first, last) of x → out (already sized for M rows of K).
+template <typename T>
+void quantize_range(const T* x, int64_t ldx, int64_t K, int64_t first, int64_t last, QuantizedX& out) {
+  const int64_t chunks = K / 32;
+  for (int64_t m = first; m < last; ++m)
+    for (int64_t b = 0; b < chunks; ++b) {
+      const int64_t i = m * chunks + b;
+      float d;
+      int32_t sums[2];
+      quantize_chunk(x + m * ldx + b * 32, out.q.data() + m * K + b * 32, d, sums);
+      out.d[i] = d, out.s[i] = d * static_cast<float>(sums[0] + sums[1]);
+      out.halves[2 * i] = d * static_cast<float>(sums[0]), out.halves[2 * i + 1] = d * static_cast<float>(sums[1]);
+    }
+}
+
+// out sized for M rows of K (within the capacity it was given, no allocation).
+void size_for(QuantizedX& out, int64_t M, int64_t K) {
+  out.q.resize(M * K), out.d.resize(M * K / 32), out.s.resize(M * K / 32), out.halves.resize(M * K / 16);
+}
+
 template <typename T>
 QuantizedX quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K) {
-  const int64_t chunks = K / 32;
-  QuantizedX out{std::vector<int8_t>(M * K), std::vector<float>(M * chunks), std::vector<float>(M * chunks),
-                 std::vector<float>(M * chunks * 2)};
-  at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
-    float v[32];
-    for (int64_t m = first; m < last; ++m)
-      for (int64_t b = 0; b < chunks; ++b) {
-        float amax = 0.f;
-        bool finite = true;
-        for (int l = 0; l < 32; ++l) {
-          v[l] = static_cast<float>(x[m * ldx + b * 32 + l]);
-          amax = std::max(amax, std::abs(v[l])), finite &= std::isfinite(v[l]);
-        }
-        // a NaN or infinite value makes the chunk's scale NaN, so the outputs are NaN as float's
-        const float d = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
-        const float id = finite && d != 0.f ? 1.f / d : 0.f;
-        int8_t* q = out.q.data() + m * K + b * 32;
-        int32_t sums[2] = {0, 0};
-        for (int l = 0; l < 32; ++l) {
-          q[l] = finite ? static_cast<int8_t>(std::clamp(std::nearbyint(v[l] * id), -127.f, 127.f)) : 0;
-          sums[l / 16] += q[l];
-        }
-        const int64_t i = m * chunks + b;
-        out.d[i] = d, out.s[i] = d * static_cast<float>(sums[0] + sums[1]);
-        out.halves[2 * i] = d * static_cast<float>(sums[0]), out.halves[2 * i + 1] = d * static_cast<float>(sums[1]);
-      }
-  });
+  QuantizedX out;
+  size_for(out, M, K);
+  at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) { quantize_range(x, ldx, K, first, last, out); });
   return out;
 }
 
@@ -839,6 +873,27 @@ void dot_group(const Group& g, const QuantizedX& xq, int64_t M, int64_t K, T* y,
   }
 }
 
+// A thread's room for the groups that do not stream (`whole`) or stream through L1 (`block`):
+// allocated where first needed (never in a decode step's few rows, whose sums stay in registers;
+// five allocations a thread and call were 0.1-0.2 ms a token), or ahead of time by QuantThread.
+struct Scratch {
+  std::optional<Group> whole, block;
+  std::vector<uint8_t> tmp;
+};
+
+// Groups [first, last) of y [M, N] = x·wᵀ, x quantized as xq.
+template <typename T>
+void multiply_groups(const Weights& w, const QuantizedX& xq, int64_t M, int64_t K, T* y, int64_t N, int64_t first,
+                     int64_t last, bool amx, Scratch& scratch) {
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t n0 = i * kGroup;
+    if (stream_group(w, xq, M, K, y, N, n0, scratch.block)) continue;
+    Group& g = scratch.whole ? *scratch.whole : scratch.whole.emplace(K);
+    unpack_group(w, n0, N, K, g, scratch.tmp);
+    g.scales ? dot_group<true>(g, xq, M, K, y, N, n0, amx) : dot_group<false>(g, xq, M, K, y, N, n0, amx);
+  }
+}
+
 template <typename T>
 void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N, int64_t K) {
   const QuantizedX xq = quantize_rows(x, ldx, M, K);
@@ -851,17 +906,8 @@ void qgemm(const T* x, int64_t ldx, const Weights& w, T* y, int64_t M, int64_t N
 #if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
     if (amx) amx_configure_int8();
 #endif
-    // allocated where a group does not stream, or streams through L1 (never in a decode step: its
-    // few rows' sums stay in registers; five allocations a thread and call were 0.1-0.2 ms a token)
-    std::optional<Group> whole, block;
-    std::vector<uint8_t> tmp;
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t n0 = i * kGroup;
-      if (stream_group(w, xq, M, K, y, N, n0, block)) continue;
-      Group& g = whole ? *whole : whole.emplace(K);
-      unpack_group(w, n0, N, K, g, tmp);
-      g.scales ? dot_group<true>(g, xq, M, K, y, N, n0, amx) : dot_group<false>(g, xq, M, K, y, N, n0, amx);
-    }
+    Scratch scratch;
+    multiply_groups(w, xq, M, K, y, N, first, last, amx, scratch);
 #if defined(LEVANTE_AMX) && defined(__AMX_INT8__)
     if (amx) _tile_release();
 #endif
@@ -927,11 +973,13 @@ at::Tensor pack_quant(const at::Tensor& blocks, int64_t type) {
 
 }  // namespace
 
-at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
+namespace {
+
+// The checked parts of a projection's blocks, and its outputs.
+Weights weights_of(at::TensorList blocks, at::IntArrayRef types, int64_t K, int64_t& N) {
   TORCH_CHECK(!blocks.empty() && blocks.size() == types.size(), "levante::quant_linear: one type per tensor");
-  const int64_t K = in_features;
   Weights w;
-  int64_t N = 0;
+  N = 0;
   for (size_t i = 0; i < blocks.size(); ++i) {
     if (blocks[i].dim() == 3) {  // packed by pack_quant: [rows / 16, blocks per row, 16 · packed block]
       check_packed(blocks[i], types[i], K);
@@ -945,6 +993,15 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArray
     }
     N += w.parts.back().rows;
   }
+  return w;
+}
+
+}  // namespace
+
+at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
+  const int64_t K = in_features;
+  int64_t N;
+  const Weights w = weights_of(blocks, types, K, N);
   TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
   auto [rows, y, shape] = as_rows(x, K, N);
   const int64_t M = rows.size(0);
@@ -959,6 +1016,52 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArray
   }
   return y.view(shape);
 }
+
+struct QuantWeights::Parts {
+  Weights w;
+  int64_t N;
+};
+
+QuantWeights::QuantWeights(at::TensorList blocks, at::IntArrayRef types, int64_t in_features)
+    : parts_(std::make_unique<Parts>()), K_(in_features) {
+  parts_->w = weights_of(blocks, types, K_, parts_->N);
+}
+QuantWeights::QuantWeights(QuantWeights&&) noexcept = default;
+QuantWeights::~QuantWeights() = default;
+int64_t QuantWeights::outputs() const { return parts_->N; }
+int64_t QuantWeights::groups() const { return (parts_->N + kGroup - 1) / kGroup; }
+
+struct QuantThread::Buffers {
+  QuantizedX xq;
+  Scratch scratch;
+};
+
+QuantThread::QuantThread(int64_t rows, int64_t features) : buffers_(std::make_unique<Buffers>()) {
+  QuantizedX& xq = buffers_->xq;
+  xq.q.reserve(rows * features), xq.d.reserve(rows * features / 32), xq.s.reserve(rows * features / 32);
+  xq.halves.reserve(rows * features / 16);
+  buffers_->scratch.whole.emplace(features);
+  buffers_->scratch.block.emplace(256);
+  buffers_->scratch.tmp.reserve(kGroup * 256);
+}
+QuantThread::QuantThread(QuantThread&&) noexcept = default;
+QuantThread::~QuantThread() = default;
+
+template <typename T>
+void QuantThread::quantize(const T* x, int64_t ldx, int64_t M, int64_t K) {
+  size_for(buffers_->xq, M, K);
+  quantize_range(x, ldx, K, 0, M, buffers_->xq);
+}
+
+template <typename T>
+void QuantThread::multiply(const QuantWeights& w, int64_t M, T* y, int64_t first, int64_t last) {
+  multiply_groups(w.parts_->w, buffers_->xq, M, w.K_, y, w.parts_->N, first, last, false, buffers_->scratch);
+}
+
+template void QuantThread::quantize(const float*, int64_t, int64_t, int64_t);
+template void QuantThread::quantize(const c10::BFloat16*, int64_t, int64_t, int64_t);
+template void QuantThread::multiply(const QuantWeights&, int64_t, float*, int64_t, int64_t);
+template void QuantThread::multiply(const QuantWeights&, int64_t, c10::BFloat16*, int64_t, int64_t);
 
 namespace {
 

@@ -1,11 +1,50 @@
-// quant_linear, the one function of quant.cpp (its own translation unit, built beside the others)
-// that another file calls: decode.cpp's projections on GGUF blocks.
+// What quant.cpp (its own translation unit, built beside the others) offers decode.cpp: quant_linear
+// for a call's projection, and its pieces for a step that runs every projection in one parallel
+// region (QuantWeights checked once, x rounded by each thread into its own QuantThread, output
+// groups taken by whichever thread comes): the same code per group as quant_linear, so the same bits.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <memory>
+
 namespace levante {
 
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features);
+
+// One projection's GGUF blocks (as quant_linear takes them), checked and located.
+class QuantWeights {
+ public:
+  QuantWeights(at::TensorList blocks, at::IntArrayRef types, int64_t in_features);
+  QuantWeights(QuantWeights&&) noexcept;
+  ~QuantWeights();
+  int64_t outputs() const;
+  int64_t groups() const;  // of 16 outputs: the units of work
+
+ private:
+  friend class QuantThread;
+  struct Parts;
+  std::unique_ptr<Parts> parts_;
+  int64_t K_;
+};
+
+// One thread's buffers for up to `rows` rows of x and `features` inputs, all allocated here: x
+// rounded to int8, and the unpacking room some types and row counts need. Nothing after throws.
+class QuantThread {
+ public:
+  QuantThread(int64_t rows, int64_t features);
+  QuantThread(QuantThread&&) noexcept;
+  ~QuantThread();
+  // x [M, K] (rows at stride ldx) rounded as quant_linear rounds it, for the multiplies that follow
+  template <typename T>
+  void quantize(const T* x, int64_t ldx, int64_t M, int64_t K);
+  // groups [first, last) of y [M, w.outputs()] = x·wᵀ, x the one last quantized
+  template <typename T>
+  void multiply(const QuantWeights& w, int64_t M, T* y, int64_t first, int64_t last);
+
+ private:
+  struct Buffers;
+  std::unique_ptr<Buffers> buffers_;
+};
 
 }  // namespace levante
