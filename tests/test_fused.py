@@ -1,4 +1,4 @@
-"""The fused step (`levante.engine.fused`: every layer of a paged step in one kernel call) against
+"""The fused step (`levante.engine.fused`: the whole model of a paged step in one kernel call) against
 the eager step it replaces, logit for logit, on the demo model's GGUF blocks and its weights as
 int4 (the demo dequantized and the tiny Mistral3 with images run fused in test_batch_invariance,
 bit for bit against eager, alone, batched, cached, chunked and preempted; the tiny one on every
@@ -93,40 +93,43 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
     runner = _engine(loaded).runner
     flat = flatten(runner)
     assert flat is not None
-    weights, spec, eps = flat
+    weights, spec, eps = flat  # embedding, layer 0's input norm, qkv, o, ...
     store, attn = runner.attention.store, runner.model.decoder.layers[0].self_attn
-    zero = torch.zeros(1, dtype=torch.long)
     decoder = runner.model.decoder
-    embeds = decoder.embed_tokens(zero)
+    vocab = decoder.embed_tokens.num_embeddings
 
     def plan(weights: list[torch.Tensor], spec: list[int]) -> torch.ScriptObject:
-        return torch.classes.levante.DecodePlan(
+        return torch.classes.levante.FusedPlan(
             decoder.rope, weights, spec, len(decoder.layers), store.block_size, attn.num_heads,
             attn.num_kv_heads, eps,
         )  # fmt: skip
 
-    def call(rows: int = 1, position: int = 0, slot: int = 0) -> torch.Tensor:
+    def call(rows: int = 1, position: int = 0, slot: int = 0, token: int = 0, kept: int = 0) -> torch.Tensor:
         ids = torch.zeros(rows, dtype=torch.long)
-        return torch.ops.levante.decode_layers(
-            plan(weights, spec), decoder.embed_tokens(ids), ids + position, store.k, store.v, ids + slot,
-            torch.arange(rows), ids, ids[:1].view(1, 1), ids + 1,  # rows, seqs, tables, lens
+        return torch.ops.levante.fused_step(
+            plan(weights, spec), ids + token, ids + position, store.k, store.v, ids + slot,
+            torch.arange(rows), ids, ids[:1].view(1, 1), ids + 1, torch.tensor([kept]),  # rows .. keep
         )  # fmt: skip
 
-    assert call().shape == embeds.shape
-    with pytest.raises(RuntimeError, match="decode_layers: fewer weights than the spec describes"):
+    assert call().shape == (1, vocab)
+    with pytest.raises(RuntimeError, match="fused_step: fewer weights than the spec describes"):
         plan(weights[:-1], spec)
-    with pytest.raises(RuntimeError, match="decode_layers: the spec ends early"):
+    with pytest.raises(RuntimeError, match="fused_step: the spec ends early"):
         plan(weights, spec[:-2])
-    with pytest.raises(RuntimeError, match="decode_layers: more weights or spec than"):
-        plan([*weights, weights[0]], spec)
-    with pytest.raises(RuntimeError, match="decode_layers: the qkv weight must be dense"):
-        plan([weights[0], weights[2], *weights[2:]], spec)  # the o projection's weight where qkv's goes
+    with pytest.raises(RuntimeError, match="fused_step: more weights or spec than"):
+        plan([*weights, weights[1]], spec)
+    with pytest.raises(RuntimeError, match="fused_step: the qkv weight must be dense"):
+        plan([*weights[:2], weights[3], *weights[3:]], spec)  # the o projection's weight where qkv's goes
     past = decoder.rope.shape[1]  # a position the rotary table has no row for
     for rows in (1, 16):  # a decode step in one parallel region, and a chunk through the per-call kernels
-        with pytest.raises(RuntimeError, match=f"decode_layers: position {past} past the rotary table"):
+        with pytest.raises(RuntimeError, match=f"fused_step: position {past} past the rotary table"):
             call(rows, position=past)
     with pytest.raises(RuntimeError, match="write_kv: slot -1 out of range"):
         call(slot=-1)
+    with pytest.raises(RuntimeError, match=f"fused_step: token id {vocab} outside the vocabulary"):
+        call(token=vocab)
+    with pytest.raises(RuntimeError, match="fused_step: kept row 1 is not one of the 1 rows"):
+        call(kept=1)
 
 
 def _anon_huge_kib(address: int) -> int:

@@ -1,5 +1,5 @@
 """Levante's CPU operators (`torch.ops.levante.linear`, `quant_linear`, `rms_norm`, `paged_attention`,
-`write_kv`, `decode_layers`, `argmax`), compiled from `csrc/` at first use and registered with
+`write_kv`, `fused_step`, `argmax`), compiled from `csrc/` at first use and registered with
 torch.library (with fake implementations, so torch.compile traces through them).
 
 The build is keyed by the instruction set it targets, so a cache shared between machines never

@@ -102,7 +102,7 @@ void rope(const at::Tensor& qkv, int64_t heads, int64_t d, const at::Tensor& tab
   T* y = out.data_ptr<T>();
   at::parallel_for(0, rows, grain(heads * d), [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {
-      TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "decode_layers: position ", pos[t], " past the rotary table");
+      TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "fused_step: position ", pos[t], " past the rotary table");
       for (int64_t h = 0; h < heads; ++h)
         rope_head(x + t * ld + h * d, cs + pos[t] * d, cs + (P + pos[t]) * d, y + (t * heads + h) * d, d);
     }
@@ -168,56 +168,141 @@ at::Tensor add(const at::Tensor& h, const at::Tensor& delta) {
   return out;
 }
 
-// The layers' weights as Python lays them out (engine/fused.py): per layer the input norm's weight,
-// the qkv, o, gate_up and down projections, the post-attention norm's weight between o and gate_up.
-// A projection is described in `spec` by (parts, size, types…): parts 0 is one dense weight with
-// `size` outputs (kernels.linear), parts n > 0 is n GGUF block tensors of `size` inputs.
+// The model's weights as Python lays them out (engine/fused.py): the token embedding; per layer the
+// input norm's weight, the qkv and o projections, the post-attention norm's weight, the gate_up and
+// down projections; the final norm's weight and the LM head. A projection (or the embedding) is
+// described in `spec` by (parts, size, types…): parts 0 is one dense weight with `size` outputs
+// (kernels.linear; an embedding [size, hidden]), parts n > 0 is n GGUF block tensors of `size` inputs.
 struct Reader {
   at::TensorList weights;
   at::IntArrayRef spec;
   size_t w = 0, s = 0;
 
-  const at::Tensor& norm() { return next(); }
   const at::Tensor& next() {
-    TORCH_CHECK(w < weights.size(), "decode_layers: fewer weights than the spec describes");
+    TORCH_CHECK(w < weights.size(), "fused_step: fewer weights than the spec describes");
     return weights[w++];
   }
   int64_t value() {
-    TORCH_CHECK(s < spec.size(), "decode_layers: the spec ends early");
+    TORCH_CHECK(s < spec.size(), "fused_step: the spec ends early");
     return spec[s++];
   }
-  at::Tensor project(const at::Tensor& x) {
-    const int64_t parts = value(), size = value();
-    if (parts == 0) return linear(x, next(), size);
-    TORCH_CHECK(s + parts <= spec.size() && w + parts <= weights.size(), "decode_layers: a projection ends early");
-    const at::IntArrayRef types = spec.slice(s, parts);
-    const at::TensorList blocks = weights.slice(w, parts);
-    s += parts;
-    w += parts;
-    return quant_linear(x, blocks, types, size);
+};
+
+// A projection, or the token embedding, read from its spec and checked as kernels.linear /
+// kernels.quant_linear check their arguments.
+template <typename T>
+struct Projection {
+  at::Tensor weight;  // dense [N, K], or packed for AMX tiles (then only `apply` takes it)
+  std::optional<QuantWeights> quant;
+  int64_t N = 0, K = 0;
+
+  // K inputs (-1: the embedding's, taken from its weight) and N outputs (-1: any)
+  Projection(Reader& read, int64_t K_, int64_t N_, const char* name) : K(K_) {
+    const int64_t parts = read.value(), size = read.value();
+    if (parts == 0) {
+      weight = read.next().alias();  // a later `.data =` on the module's tensor leaves this one be
+      K = K < 0 && weight.dim() == 2 ? weight.size(1) : K, N = size;
+      TORCH_CHECK(weight.dim() == 5 || (weight.dim() == 2 && weight.is_contiguous() &&
+                                        weight.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                                        weight.size(0) == size && weight.size(1) == K),
+                  "fused_step: the ", name, " weight must be dense [", size, ", ", K, "] of the model's dtype");
+    } else {
+      TORCH_CHECK(K < 0 || size == K, "fused_step: the ", name, " projection takes ", size, " features, not ", K);
+      TORCH_CHECK(read.s + parts <= read.spec.size() && read.w + parts <= read.weights.size(),
+                  "fused_step: the ", name, " weights end early");
+      K = size;
+      quant.emplace(read.weights.slice(read.w, parts), read.spec.slice(read.s, parts), K);
+      read.s += parts, read.w += parts;
+      N = quant->outputs();
+    }
+    TORCH_CHECK(N_ < 0 || N == N_, "fused_step: the ", name, " projection has ", N, " outputs, not ", N_);
+  }
+
+  bool in_step() const { return quant || weight.dim() == 2; }  // not packed for AMX
+  int64_t items() const { return quant ? quant->groups() : gemm_tile_count(N); }
+  at::Tensor apply(const at::Tensor& x) const { return quant ? quant->apply(x) : linear(x, weight, N); }
+  void row(int64_t i, T* y) const {  // row i of an embedding
+    if (quant) return quant->dequantize(i, y);
+    std::memcpy(y, weight.data_ptr<T>() + i * K, K * sizeof(T));
   }
 };
 
 template <typename T>
-at::Tensor layers(at::Tensor h, const at::Tensor& rope_table, const at::Tensor& positions, Reader& read,
-                  int64_t count, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                  const at::Tensor& rows, const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens,
-                  int64_t block_size, int64_t hq, int64_t hkv, double eps) {
+at::Tensor read_norm(Reader& read, int64_t hidden) {
+  const at::Tensor w = read.next().alias();
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == hidden && w.is_contiguous() &&
+                  w.scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "fused_step: a norm's weight must be [", hidden, "] of the model's dtype");
+  return w;
+}
+
+template <typename T>
+struct Layer {
+  at::Tensor input_norm;
+  Projection<T> qkv, o;
+  at::Tensor post_norm;
+  Projection<T> gate_up, down;
+
+  Layer(Reader& read, int64_t hidden, int64_t qkv_outputs, int64_t attended, int64_t inter)
+      : input_norm(read_norm<T>(read, hidden)),
+        qkv(read, hidden, qkv_outputs, "qkv"),
+        o(read, attended, hidden, "o"),
+        post_norm(read_norm<T>(read, hidden)),
+        gate_up(read, hidden, inter < 0 ? -1 : 2 * inter, "gate_up"),
+        down(read, gate_up.N / 2, hidden, "down") {
+    TORCH_CHECK(gate_up.N % 2 == 0, "fused_step: gate_up has an odd number of outputs");
+  }
+  bool in_step() const { return qkv.in_step() && o.in_step() && gate_up.in_step() && down.in_step(); }
+};
+
+// Every weight of the model, read and checked once.
+template <typename T>
+struct ModelWeights {
+  using Scalar = T;
+  Projection<T> embed;
+  std::vector<Layer<T>> layers;
+  at::Tensor norm;
+  std::optional<Projection<T>> head;
+
+  ModelWeights(Reader& read, int64_t count, int64_t hq, int64_t hkv, int64_t d)
+      : embed(read, -1, -1, "embedding") {
+    TORCH_CHECK(embed.in_step() && embed.weight.dim() != 5, "fused_step: the embedding must be dense or GGUF rows");
+    TORCH_CHECK(count > 0, "fused_step: no layers");
+    const int64_t hidden = embed.K;
+    layers.reserve(count);
+    for (int64_t l = 0; l < count; ++l)
+      layers.emplace_back(read, hidden, (hq + 2 * hkv) * d, hq * d, l ? layers[0].gate_up.N / 2 : -1);
+    norm = read_norm<T>(read, hidden);
+    head.emplace(read, hidden, -1, "LM head");
+    TORCH_CHECK(read.w == read.weights.size() && read.s == read.spec.size(),
+                "fused_step: more weights or spec than ", count, " layers take");
+  }
+  int64_t hidden() const { return embed.K; }
+  bool in_step() const {
+    return head->in_step() && std::all_of(layers.begin(), layers.end(), [](const Layer<T>& l) { return l.in_step(); });
+  }
+};
+
+// The step layer by layer through the per-call kernels (a prefill chunk in batch-invariant mode,
+// weights packed for AMX tiles): hidden rows in, hidden rows out.
+template <typename T>
+at::Tensor layers(at::Tensor h, const ModelWeights<T>& model, const at::Tensor& rope_table,
+                  const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& seqs, const at::Tensor& tables,
+                  const at::Tensor& lens, int64_t block_size, int64_t hq, int64_t hkv, double eps) {
   const int64_t t = h.size(0), d = k_cache.size(3);
-  for (int64_t layer = 0; layer < count; ++layer) {
-    const at::Tensor qkv = read.project(rms_norm(h, read.norm(), eps)).view({t, hq + 2 * hkv, d});
+  for (int64_t l = 0; l < static_cast<int64_t>(model.layers.size()); ++l) {
+    const Layer<T>& layer = model.layers[l];
+    const at::Tensor qkv = layer.qkv.apply(rms_norm(h, layer.input_norm, eps)).view({t, hq + 2 * hkv, d});
     at::Tensor qk = at::empty({t, hq + hkv, d}, h.options());
     rope<T>(qkv, hq + hkv, d, rope_table, positions, qk);
-    write_kv(k_cache, v_cache, layer, slots, qk.narrow(1, hq, hkv), qkv.narrow(1, hq + hkv, hkv));
+    write_kv(k_cache, v_cache, l, slots, qk.narrow(1, hq, hkv), qkv.narrow(1, hq + hkv, hkv));
     const at::Tensor attended = at::empty({t, hq, d}, h.options());
-    paged_attention(qk.narrow(1, 0, hq), k_cache.select(0, layer), v_cache.select(0, layer), rows, seqs, tables,
-                    lens, block_size, attended);
-    h = add<T>(h, read.project(attended.view({t, hq * d})));
-    const at::Tensor& post = read.norm();
-    h = add<T>(h, read.project(silu_mul<T>(read.project(rms_norm(h, post, eps)))));
+    paged_attention(qk.narrow(1, 0, hq), k_cache.select(0, l), v_cache.select(0, l), rows, seqs, tables, lens,
+                    block_size, attended);
+    h = add<T>(h, layer.o.apply(attended.view({t, hq * d})));
+    h = add<T>(h, layer.down.apply(silu_mul<T>(layer.gate_up.apply(rms_norm(h, layer.post_norm, eps)))));
   }
-  TORCH_CHECK(read.w == read.weights.size() && read.s == read.spec.size(),
-              "decode_layers: more weights or spec than ", count, " layers take");
   return h;
 }
 
@@ -225,28 +310,13 @@ at::Tensor layers(at::Tensor h, const at::Tensor& rope_table, const at::Tensor& 
 // the whole step instead of a fork and join, tensor allocations and checks per kernel call: ~1 ms of
 // a demo token's ~10 went to those, and a small projection read its weights at half the rate of a
 // large one. Every thread keeps its own copy of the residual stream and computes the row-wise work
-// (norms, residual adds) itself; the projections' outputs, rotary heads, attention heads and SiLU
-// columns are dealt among the threads (gemm.h's shares), with a barrier where one phase reads what
-// the last wrote. Each value is computed by the same function on the same inputs as in `layers`,
-// so the same bits.
+// (embedding rows, norms, residual adds) itself; the projections' outputs, rotary heads, attention
+// heads and SiLU columns are dealt among the threads (gemm.h's shares), with a barrier where one
+// phase reads what the last wrote. Each value is computed by the same function on the same inputs
+// as in `layers` and the per-call kernels, so the same bits.
 constexpr int64_t kStepRows = 16;
 
-template <typename T>
-struct Projection {
-  const T* dense = nullptr;  // [N, K]
-  std::optional<QuantWeights> quant;
-  int64_t N = 0, K = 0;
-
-  int64_t items() const { return quant ? quant->groups() : gemm_tile_count(N); }
-};
-
-template <typename T>
-struct StepLayer {
-  const T *input_norm = nullptr, *post_norm = nullptr;
-  Projection<T> qkv, o, gate_up, down;
-};
-
-// The phases of a layer that deal out work, in the order they run.
+// The phases of a layer that deal out work, in the order they run; the LM head's after the last.
 enum Phase { kQkv, kRope, kAttend, kO, kGateUp, kSilu, kDown, kPhases };
 
 template <typename T>
@@ -260,107 +330,57 @@ struct ThreadState {
         quant(kStepRows, features) {}
 };
 
-// Reads a projection, checked as linear / quant_linear check it; false (read past) for dense
-// weights packed for AMX tiles, which only the per-call kernels take.
-template <typename T>
-bool read_projection(Reader& read, int64_t K, int64_t N, const char* name, Projection<T>& p) {
-  const int64_t parts = read.value(), size = read.value();
-  p.K = K;
-  if (parts == 0) {
-    const at::Tensor& w = read.next();
-    if (w.dim() == 5) return false;
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == c10::CppTypeToScalarType<T>::value &&
-                    w.size(0) == size && w.size(1) == K,
-                "decode_layers: the ", name, " weight must be dense [", size, ", ", K, "] of the model's dtype");
-    p.dense = w.data_ptr<T>(), p.N = size;
-  } else {
-    TORCH_CHECK(size == K, "decode_layers: the ", name, " projection takes ", size, " features, not ", K);
-    TORCH_CHECK(read.s + parts <= read.spec.size() && read.w + parts <= read.weights.size(),
-                "decode_layers: a projection ends early");
-    p.quant.emplace(read.weights.slice(read.w, parts), read.spec.slice(read.s, parts), K);
-    read.s += parts, read.w += parts;
-    p.N = p.quant->outputs();
-  }
-  TORCH_CHECK(N < 0 || p.N == N, "decode_layers: the ", name, " projection has ", p.N, " outputs, not ", N);
-  return true;
-}
-
-template <typename T>
-const T* read_norm(Reader& read, int64_t hidden) {
-  const at::Tensor& w = read.norm();
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == hidden && w.is_contiguous() &&
-                  w.scalar_type() == c10::CppTypeToScalarType<T>::value,
-              "decode_layers: a norm's weight must be [", hidden, "] of the model's dtype");
-  return w.data_ptr<T>();
-}
-
-// The layers as `Step` runs them, every weight checked; nullopt where one is packed for AMX tiles.
-template <typename T>
-std::optional<std::vector<StepLayer<T>>> step_layers(at::TensorList weights, at::IntArrayRef spec, int64_t count,
-                                                     int64_t hidden, int64_t hq, int64_t hkv, int64_t d) {
-  TORCH_CHECK(count > 0, "decode_layers: no layers");
-  Reader read{weights, spec};
-  std::vector<StepLayer<T>> layers(count);
-  bool dense = true;
-  for (StepLayer<T>& layer : layers) {
-    layer.input_norm = read_norm<T>(read, hidden);
-    dense &= read_projection(read, hidden, (hq + 2 * hkv) * d, "qkv", layer.qkv);
-    dense &= read_projection(read, hq * d, hidden, "o", layer.o);
-    layer.post_norm = read_norm<T>(read, hidden);
-    dense &= read_projection(read, hidden, -1, "gate_up", layer.gate_up);
-    const int64_t inter = layers[0].gate_up.N / 2;
-    TORCH_CHECK(layer.gate_up.N == 2 * inter, "decode_layers: every gate_up must have ", 2 * inter, " outputs");
-    dense &= read_projection(read, inter, hidden, "down", layer.down);
-  }
-  TORCH_CHECK(read.w == read.weights.size() && read.s == read.spec.size(),
-              "decode_layers: more weights or spec than ", count, " layers take");
-  if (!dense) return std::nullopt;
-  return layers;
-}
-
 // What the per-call kernels check as they go, checked before `Step`'s parallel region.
-void check_step(const at::Tensor& rope_table, const at::Tensor& positions, const at::Tensor& k_cache,
-                const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& seqs,
-                const at::Tensor& tables, const at::Tensor& lens, int64_t count, int64_t hkv) {
+void check_step(const at::Tensor& ids, const at::Tensor& rope_table, const at::Tensor& positions,
+                const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& rows,
+                const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& keep,
+                int64_t count, int64_t hkv, int64_t vocab) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.scalar_type() == v_cache.scalar_type() && k_cache.dim() == 4 && k_cache.size(0) >= count &&
                   k_cache.size(1) == hkv && k_cache.size(3) == rope_table.size(3),
-              "decode_layers: the caches must be dense [layers, kv_heads, slots, head_dim] of one dtype");
-  TORCH_CHECK(rows.is_contiguous() && seqs.is_contiguous() && tables.is_contiguous() && lens.is_contiguous(),
-              "decode_layers: rows, seqs, tables and lens must be dense");
-  TORCH_CHECK(slots.is_contiguous() && slots.size(0) == positions.size(0), "decode_layers: one slot per token");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  for (int64_t r = 0; r < positions.size(0); ++r) {
-    TORCH_CHECK(pos[r] >= 0 && pos[r] < rope_table.size(1), "decode_layers: position ", pos[r],
-                " past the rotary table");
+              "fused_step: the caches must be dense [layers, kv_heads, slots, head_dim] of one dtype");
+  for (const at::Tensor* index : {&ids, &positions, &slots, &rows, &seqs, &tables, &lens, &keep})
+    TORCH_CHECK(index->is_contiguous() && index->scalar_type() == at::kLong,
+                "fused_step: ids, positions, slots, rows, seqs, tables, lens and keep must be dense int64");
+  const int64_t t = ids.size(0);
+  TORCH_CHECK(ids.dim() == 1 && positions.size(0) == t && slots.size(0) == t && rows.size(0) == t,
+              "fused_step: one position, slot and paged row per token");
+  const int64_t *id = ids.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < t; ++r) {
+    TORCH_CHECK(id[r] >= 0 && id[r] < vocab, "fused_step: token id ", id[r], " outside the vocabulary");
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < rope_table.size(1), "fused_step: position ", pos[r], " past the rotary table");
     TORCH_CHECK(slot[r] >= 0 && slot[r] < k_cache.size(2), "write_kv: slot ", slot[r], " out of range");
   }
+  TORCH_CHECK(keep.dim() == 1 && keep.numel() <= t, "fused_step: at most one kept row per token");
+  const int64_t* kept = keep.data_ptr<int64_t>();
+  for (int64_t i = 0; i < keep.numel(); ++i)
+    TORCH_CHECK(kept[i] >= 0 && kept[i] < t, "fused_step: kept row ", kept[i], " is not one of the ", t, " rows");
 }
 
-// A model's layers ready for decode steps: weights checked and laid out once, buffers for up to
-// kStepRows − 1 rows allocated once (per thread as threads are first asked for).
+// A model's weights ready for decode steps, with buffers for up to kStepRows − 1 rows allocated
+// once (per thread as threads are first asked for).
 template <typename T>
 class Step {
  public:
-  Step(std::vector<StepLayer<T>> layers, int64_t hidden, int64_t hq, int64_t hkv, int64_t d, int64_t block_size,
-       double eps)
-      : layers_(std::move(layers)), hidden_(hidden), inter_(layers_[0].gate_up.N / 2), hq_(hq), hkv_(hkv), d_(d),
-        bs_(block_size), eps_(eps), qkv_(kStepRows * (hq + 2 * hkv) * d), q_(kStepRows * hq * d),
-        attended_(kStepRows * hq * d), o_(kStepRows * hidden), gu_(kStepRows * 2 * inter_),
-        act_(kStepRows * inter_), down_(kStepRows * hidden) {
-    TORCH_CHECK(hkv > 0 && hq % hkv == 0, "decode_layers: ", hq, " heads do not share ", hkv, " KV heads");
+  Step(const ModelWeights<T>& model, int64_t hq, int64_t hkv, int64_t d, int64_t block_size, double eps)
+      : model_(model), hidden_(model.hidden()), inter_(model.layers[0].gate_up.N / 2), vocab_(model.head->N),
+        hq_(hq), hkv_(hkv), d_(d), bs_(block_size), eps_(eps), qkv_(kStepRows * (hq + 2 * hkv) * d),
+        q_(kStepRows * hq * d), attended_(kStepRows * hq * d), o_(kStepRows * hidden_), gu_(kStepRows * 2 * inter_),
+        act_(kStepRows * inter_), down_(kStepRows * hidden_), logits_(kStepRows * vocab_) {
+    TORCH_CHECK(hkv > 0 && hq % hkv == 0, "fused_step: ", hq, " heads do not share ", hkv, " KV heads");
     TORCH_CHECK(d % kLanes == 0, "paged_attention: head_dim must be a multiple of ", kLanes);
   }
 
+  // float32 logits [keep, vocab] of the step's rows
   template <typename C>
-  at::Tensor run(const at::Tensor& embeds, const at::Tensor& rope_table, const at::Tensor& positions,
+  at::Tensor run(const at::Tensor& ids, const at::Tensor& rope_table, const at::Tensor& positions,
                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& rows,
-                 const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens);
+                 const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& keep);
 
  private:
   int64_t items(int64_t l, Phase phase, int64_t t) const {
-    const StepLayer<T>& layer = layers_[l];
+    if (l == static_cast<int64_t>(model_.layers.size())) return model_.head->items();
+    const Layer<T>& layer = model_.layers[l];
     switch (phase) {
       case kQkv: return layer.qkv.items();
       case kRope: return t * (hq_ + hkv_);
@@ -372,36 +392,38 @@ class Step {
     }
   }
 
-  std::vector<StepLayer<T>> layers_;
-  int64_t hidden_, inter_, hq_, hkv_, d_, bs_;
+  const ModelWeights<T>& model_;
+  int64_t hidden_, inter_, vocab_, hq_, hkv_, d_, bs_;
   double eps_;
   // what more than one thread reads: the projections' outputs, roped queries, attention's output
-  std::vector<T> qkv_, q_, attended_, o_, gu_, act_, down_;
+  std::vector<T> qkv_, q_, attended_, o_, gu_, act_, down_, logits_;
   std::vector<ThreadState<T>> threads_;
   std::vector<Share> shares_;
 };
 
 template <typename T>
 template <typename C>
-at::Tensor Step<T>::run(const at::Tensor& embeds, const at::Tensor& rope_table, const at::Tensor& positions,
+at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, const at::Tensor& positions,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                         const at::Tensor& rows, const at::Tensor& seqs, const at::Tensor& tables,
-                        const at::Tensor& lens) {
-  const int64_t t = embeds.size(0), hidden = hidden_, inter = inter_, hq = hq_, hkv = hkv_, d = d_;
-  const int64_t count = layers_.size(), qkv_width = (hq + 2 * hkv) * d, P = rope_table.size(1);
+                        const at::Tensor& lens, const at::Tensor& keep) {
+  const int64_t t = ids.size(0), kept = keep.numel(), hidden = hidden_, inter = inter_, hq = hq_, hkv = hkv_, d = d_;
+  const int64_t count = model_.layers.size(), qkv_width = (hq + 2 * hkv) * d, P = rope_table.size(1);
   const int64_t cache_slots = k_cache.size(2), head = silu_head<T>(inter), lanes = aten_lanes();
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   while (static_cast<int64_t>(threads_.size()) < threads)
     threads_.emplace_back(hidden, std::max({hidden, hq * d, inter}), d, bs_);
-  if (static_cast<int64_t>(shares_.size()) < count * kPhases * threads)
-    shares_ = std::vector<Share>(count * kPhases * threads);
+  const int64_t sets = count * kPhases + 1;  // and the LM head's
+  if (static_cast<int64_t>(shares_.size()) < sets * threads) shares_ = std::vector<Share>(sets * threads);
   Share* shares = shares_.data();
   for (int64_t l = 0; l < count; ++l)
     for (int phase = 0; phase < kPhases; ++phase)
       deal(shares + (l * kPhases + phase) * threads, items(l, static_cast<Phase>(phase), t), threads);
-  for (int64_t i = 0; i < threads; ++i)
-    std::memcpy(threads_[i].h.data(), embeds.data_ptr<T>(), t * hidden * sizeof(T));
+  deal(shares + count * kPhases * threads, items(count, kQkv, t), threads);
 
+  at::Tensor out = at::empty({kept, vocab_}, ids.options().dtype(at::kFloat));
+  float* logits_out = out.data_ptr<float>();
+  const int64_t *id = ids.data_ptr<int64_t>(), *kept_rows = keep.data_ptr<int64_t>();
   const T* cs = rope_table.data_ptr<T>();  // [2, positions, 1, d]
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
@@ -409,7 +431,7 @@ at::Tensor Step<T>::run(const at::Tensor& embeds, const at::Tensor& rope_table, 
   C* vc = v_cache.data_ptr<C>();
   const int64_t layer_stride = hkv * cache_slots * d;
   T *qkv = qkv_.data(), *q = q_.data(), *attended = attended_.data(), *o = o_.data(), *gu = gu_.data(),
-    *act = act_.data(), *down = down_.data();
+    *act = act_.data(), *down = down_.data(), *logits = logits_.data();
   const Paged<T, C> paged{q, kc, vc, rows.data_ptr<int64_t>(), seqs.data_ptr<int64_t>(), tables.data_ptr<int64_t>(),
                           lens.data_ptr<int64_t>(), attended, tables.size(1), hq * d, hq, hkv, d, cache_slots, bs_,
                           1.f / std::sqrt(static_cast<float>(d))};
@@ -419,29 +441,37 @@ at::Tensor Step<T>::run(const at::Tensor& embeds, const at::Tensor& rope_table, 
     const int64_t me = omp_get_thread_num();
     ThreadState<T>& mine = threads_[me];
     T *h = mine.h.data(), *x = mine.x.data();
-    for (int64_t l = 0; l < count; ++l) {
-      const StepLayer<T>& layer = layers_[l];
-      auto dealt = [&](Phase phase, auto&& f) {
-        take_shares(shares + (l * kPhases + phase) * threads, items(l, phase, t), threads, me, f);
-      };
-      auto project = [&](Phase phase, const Projection<T>& p, const T* in, T* out) {
-        if (p.quant) mine.quant.quantize(in, p.K, t, p.K);  // every thread rounds x for itself
-        dealt(phase, [&](int64_t first, int64_t last) {
-          if (p.quant) return mine.quant.multiply(*p.quant, t, out, first, last);
-          gemm_tiles(in, p.K, p.dense, out, t, p.N, p.K, first, last);
-        });
-#pragma omp barrier
-      };
-      auto residual = [&](const T* delta) {
-        for (int64_t i = 0; i < t * hidden; i += kLanes) {
-          const int64_t m = std::min(kLanes, t * hidden - i);
-          vstore_n(h + i, vadd(vload_n(h + i, m), vload_n(delta + i, m)), m);
+    auto dealt = [&](int64_t l, Phase phase, auto&& f) {
+      take_shares(shares + (l * kPhases + phase) * threads, items(l, phase, t), threads, me, f);
+    };
+    // y [m, N] = in [m, K]·wᵀ, dealt; then a barrier
+    auto project = [&](int64_t l, Phase phase, const Projection<T>& p, const T* in, int64_t m, T* y, auto&& then) {
+      if (p.quant) mine.quant.quantize(in, p.K, m, p.K);  // every thread rounds x for itself
+      dealt(l, phase, [&](int64_t first, int64_t last) {
+        if (p.quant) {
+          mine.quant.multiply(*p.quant, m, y, first, last);
+        } else {
+          gemm_tiles(in, p.K, p.weight.template data_ptr<T>(), y, m, p.N, p.K, first, last);
         }
-      };
+        then(first, last);
+      });
+#pragma omp barrier
+    };
+    auto nothing = [](int64_t, int64_t) {};
+    auto residual = [&](const T* delta) {
+      for (int64_t i = 0; i < t * hidden; i += kLanes) {
+        const int64_t m = std::min(kLanes, t * hidden - i);
+        vstore_n(h + i, vadd(vload_n(h + i, m), vload_n(delta + i, m)), m);
+      }
+    };
 
-      for (int64_t r = 0; r < t; ++r) norm_row(h + r * hidden, layer.input_norm, x + r * hidden, hidden, eps_);
-      project(kQkv, layer.qkv, x, qkv);
-      dealt(kRope, [&](int64_t first, int64_t last) {  // a query head, or a KV head: K roped, K and V stored
+    for (int64_t r = 0; r < t; ++r) model_.embed.row(id[r], h + r * hidden);
+    for (int64_t l = 0; l < count; ++l) {
+      const Layer<T>& layer = model_.layers[l];
+      for (int64_t r = 0; r < t; ++r)
+        norm_row(h + r * hidden, layer.input_norm.template data_ptr<T>(), x + r * hidden, hidden, eps_);
+      project(l, kQkv, layer.qkv, x, t, qkv, nothing);
+      dealt(l, kRope, [&](int64_t first, int64_t last) {  // a query head, or a KV head: K roped, K and V stored
         for (int64_t task = first; task < last; ++task) {
           const int64_t r = task / (hq + hkv), j = task % (hq + hkv);
           const T* c = cs + pos[r] * d;
@@ -459,17 +489,18 @@ at::Tensor Step<T>::run(const at::Tensor& embeds, const at::Tensor& rope_table, 
 #pragma omp barrier
       Paged<T, C> cache = paged;  // this layer's
       cache.kc += l * layer_stride, cache.vc += l * layer_stride;
-      dealt(kAttend, [&](int64_t first, int64_t last) {
+      dealt(l, kAttend, [&](int64_t first, int64_t last) {
         for (int64_t task = first; task < last; ++task)
           attend_heads(cache, task / hq, task % hq, task % hq + 1, mine.attention);
       });
 #pragma omp barrier
-      project(kO, layer.o, attended, o);
+      project(l, kO, layer.o, attended, t, o, nothing);
       residual(o);
-      for (int64_t r = 0; r < t; ++r) norm_row(h + r * hidden, layer.post_norm, x + r * hidden, hidden, eps_);
-      project(kGateUp, layer.gate_up, x, gu);
+      for (int64_t r = 0; r < t; ++r)
+        norm_row(h + r * hidden, layer.post_norm.template data_ptr<T>(), x + r * hidden, hidden, eps_);
+      project(l, kGateUp, layer.gate_up, x, t, gu, nothing);
       const int64_t spans = (inter + kSiluColumns - 1) / kSiluColumns;
-      dealt(kSilu, [&](int64_t first, int64_t last) {
+      dealt(l, kSilu, [&](int64_t first, int64_t last) {
         for (int64_t task = first; task < last; ++task) {
           const int64_t r = task / spans, c0 = task % spans * kSiluColumns;
           silu_cols(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, c0,
@@ -477,95 +508,101 @@ at::Tensor Step<T>::run(const at::Tensor& embeds, const at::Tensor& rope_table, 
         }
       });
 #pragma omp barrier
-      project(kDown, layer.down, act, down);
+      project(l, kDown, layer.down, act, t, down, nothing);
       residual(down);
     }
+    // the kept rows' final norm, the LM head over them, each output widened to float32 as it lands
+    for (int64_t i = 0; i < kept; ++i)
+      norm_row(h + kept_rows[i] * hidden, model_.norm.template data_ptr<T>(), x + i * hidden, hidden, eps_);
+    const Projection<T>& lm = *model_.head;
+    const int64_t per = lm.quant ? 16 : NR;  // outputs an item covers
+    project(count, kQkv, lm, x, kept, logits, [&](int64_t first, int64_t last) {
+      const int64_t n0 = first * per, n1 = std::min(vocab_, last * per);
+      for (int64_t i = 0; i < kept; ++i)
+        for (int64_t n = n0; n < n1; ++n) logits_out[i * vocab_ + n] = static_cast<float>(logits[i * vocab_ + n]);
+    });
   }
-  at::Tensor out = at::empty({t, hidden}, embeds.options());
-  std::memcpy(out.data_ptr<T>(), threads_[0].h.data(), t * hidden * sizeof(T));
   return out;
 }
 
-// decode_layers' model: the rotary table, every layer's weights (as engine/fused.py lays them out,
-// see Reader) and shapes; a decode step (fewer than kStepRows rows) runs as one `Step`, anything
+// fused_step's model: the rotary table, every weight (as engine/fused.py lays them out, see Reader)
+// and the attention's shapes; a decode step (fewer than kStepRows rows) runs as one `Step`, anything
 // larger (a prefill chunk in batch-invariant mode) layer by layer through the per-call kernels.
-// Holds its own references to the weights' storage, so it reads what it was made with.
-class DecodePlan : public torch::CustomClassHolder {
-  // (defined first: the members below deduce their return types from these)
+class FusedPlan : public torch::CustomClassHolder {
+  // (defined first: the members below deduce their return types from it)
   template <typename F>
   auto with_dtype(F&& f) {
-    if (rope_.scalar_type() == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
-    return f(static_cast<float*>(nullptr));
+    if (rope_.scalar_type() == at::kBFloat16) return f(std::get<ModelWeights<c10::BFloat16>>(model_));
+    return f(std::get<ModelWeights<float>>(model_));
   }
-  int64_t hidden() const { return weights_[0].size(0); }  // the first layer's input norm's
 
  public:
-  DecodePlan(const at::Tensor& rope, const std::vector<at::Tensor>& weights, std::vector<int64_t> spec, int64_t count,
-             int64_t block_size, int64_t heads, int64_t kv_heads, double eps)
-      : rope_(rope), spec_(std::move(spec)), count_(count), block_size_(block_size), hq_(heads), hkv_(kv_heads),
-        eps_(eps) {
-    TORCH_CHECK(decode_supported(), "decode_layers: built for another instruction set than ATen runs");
+  FusedPlan(const at::Tensor& rope, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& spec,
+            int64_t count, int64_t block_size, int64_t heads, int64_t kv_heads, double eps)
+      : rope_(rope), block_size_(block_size), hq_(heads), hkv_(kv_heads), eps_(eps) {
+    TORCH_CHECK(decode_supported(), "fused_step: built for another instruction set than ATen runs");
     TORCH_CHECK(rope.is_contiguous() && rope.dim() == 4 && rope.size(0) == 2 && rope.size(2) == 1 &&
                     (rope.scalar_type() == at::kBFloat16 || rope.scalar_type() == at::kFloat),
-                "decode_layers: the rotary table must be [2, positions, 1, head_dim] of float32 or bfloat16");
-    TORCH_CHECK(!weights.empty() && weights[0].dim() == 1, "decode_layers: the weights begin with a norm's");
-    for (const at::Tensor& w : weights) weights_.push_back(w.alias());  // a later `.data =` leaves these be
-    with_dtype([&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      auto layers = step_layers<T>(weights_, spec_, count_, hidden(), hq_, hkv_, rope.size(3));
-      if (layers) step_.template emplace<Step<T>>(std::move(*layers), hidden(), hq_, hkv_, rope.size(3), block_size_, eps_);
+                "fused_step: the rotary table must be [2, positions, 1, head_dim] of float32 or bfloat16");
+    Reader read{weights, spec};
+    const int64_t d = rope.size(3);
+    if (rope.scalar_type() == at::kBFloat16) {
+      model_.emplace<ModelWeights<c10::BFloat16>>(read, count, heads, kv_heads, d);
+    } else {
+      model_.emplace<ModelWeights<float>>(read, count, heads, kv_heads, d);
+    }
+    with_dtype([&](auto& model) {
+      using T = typename std::remove_reference_t<decltype(model)>::Scalar;
+      if (model.in_step()) step_.template emplace<Step<T>>(model, heads, kv_heads, d, block_size, eps);
       return 0;
     });
   }
 
-  at::Tensor run(const at::Tensor& embeds, const at::Tensor& positions, const at::Tensor& k_cache,
+  at::Tensor run(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& seqs,
-                 const at::Tensor& tables, const at::Tensor& lens) {
-    TORCH_CHECK(embeds.dim() == 2 && embeds.is_contiguous() && embeds.scalar_type() == rope_.scalar_type() &&
-                    embeds.size(1) == hidden(),
-                "decode_layers: embeds must be dense [T, ", hidden(), "] of the model's dtype");
-    TORCH_CHECK(positions.is_contiguous() && positions.size(0) == embeds.size(0) && rows.size(0) == embeds.size(0),
-                "decode_layers: one position and one paged row per token");
+                 const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& keep) {
     const std::lock_guard<std::mutex> lock(mutex_);  // one step at a time: the buffers are the plan's
-    return with_dtype([&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const int64_t t = embeds.size(0);
+    return with_dtype([&](auto& model) {
+      using T = typename std::remove_reference_t<decltype(model)>::Scalar;
+      check_step(ids, rope_, positions, k_cache, v_cache, slots, rows, seqs, tables, lens, keep,
+                 model.layers.size(), hkv_, model.embed.N);
+      const int64_t t = ids.size(0);
       if (auto* step = std::get_if<Step<T>>(&step_); step && t > 0 && t < kStepRows) {
-        check_step(rope_, positions, k_cache, v_cache, slots, rows, seqs, tables, lens, count_, hkv_);
         switch (k_cache.scalar_type()) {
           case at::kFloat8_e4m3fn:
-            return step->template run<c10::Float8_e4m3fn>(embeds, rope_, positions, k_cache, v_cache, slots, rows,
-                                                          seqs, tables, lens);
+            return step->template run<c10::Float8_e4m3fn>(ids, rope_, positions, k_cache, v_cache, slots, rows, seqs,
+                                                          tables, lens, keep);
           case at::kFloat8_e5m2:
-            return step->template run<c10::Float8_e5m2>(embeds, rope_, positions, k_cache, v_cache, slots, rows, seqs,
-                                                        tables, lens);
+            return step->template run<c10::Float8_e5m2>(ids, rope_, positions, k_cache, v_cache, slots, rows, seqs,
+                                                        tables, lens, keep);
           default:
-            TORCH_CHECK(k_cache.scalar_type() == embeds.scalar_type(),
-                        "decode_layers: the cache is the model's dtype or fp8");
-            return step->template run<T>(embeds, rope_, positions, k_cache, v_cache, slots, rows, seqs, tables, lens);
+            TORCH_CHECK(k_cache.scalar_type() == rope_.scalar_type(), "fused_step: the cache is the model's dtype or fp8");
+            return step->template run<T>(ids, rope_, positions, k_cache, v_cache, slots, rows, seqs, tables, lens,
+                                         keep);
         }
       }
-      Reader read{weights_, spec_};
-      return layers<T>(embeds, rope_, positions, read, count_, k_cache, v_cache, slots, rows, seqs, tables, lens,
-                       block_size_, hq_, hkv_, eps_);
+      at::Tensor h = at::empty({t, model.hidden()}, rope_.options());
+      for (int64_t r = 0; r < t; ++r) model.embed.row(ids.data_ptr<int64_t>()[r], h.data_ptr<T>() + r * model.hidden());
+      h = layers<T>(h, model, rope_, positions, k_cache, v_cache, slots, rows, seqs, tables, lens, block_size_, hq_,
+                    hkv_, eps_);
+      return model.head->apply(rms_norm(h.index_select(0, keep), model.norm, eps_)).to(at::kFloat);
     });
   }
 
  private:
   at::Tensor rope_;
-  std::vector<at::Tensor> weights_;
-  std::vector<int64_t> spec_;
-  int64_t count_, block_size_, hq_, hkv_;
+  int64_t block_size_, hq_, hkv_;
   double eps_;
-  std::variant<std::monostate, Step<float>, Step<c10::BFloat16>> step_;
+  std::variant<std::monostate, ModelWeights<float>, ModelWeights<c10::BFloat16>> model_;
+  std::variant<std::monostate, Step<float>, Step<c10::BFloat16>> step_;  // none where a weight is packed for AMX
   std::mutex mutex_;
 };
 
-at::Tensor decode_layers(const c10::intrusive_ptr<DecodePlan>& plan, const at::Tensor& embeds,
-                         const at::Tensor& positions, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& seqs,
-                         const at::Tensor& tables, const at::Tensor& lens) {
-  return plan->run(embeds, positions, k_cache, v_cache, slots, rows, seqs, tables, lens);
+at::Tensor fused_step(const c10::intrusive_ptr<FusedPlan>& plan, const at::Tensor& ids, const at::Tensor& positions,
+                      const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                      const at::Tensor& rows, const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens,
+                      const at::Tensor& keep) {
+  return plan->run(ids, positions, k_cache, v_cache, slots, rows, seqs, tables, lens, keep);
 }
 
 }  // namespace
@@ -573,12 +610,11 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodePlan>& plan, const at::T
 
 TORCH_LIBRARY_FRAGMENT(levante, m) {
   m.def("decode_supported() -> bool", &levante::decode_supported);
-  m.class_<levante::DecodePlan>("DecodePlan")
+  m.class_<levante::FusedPlan>("FusedPlan")
       .def(torch::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t,
                        double>());
   m.def(
-      "decode_layers(__torch__.torch.classes.levante.DecodePlan plan, Tensor embeds, Tensor positions, "
-      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor rows, Tensor seqs, Tensor tables, Tensor lens) "
-      "-> Tensor");
+      "fused_step(__torch__.torch.classes.levante.FusedPlan plan, Tensor ids, Tensor positions, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slots, Tensor rows, Tensor seqs, Tensor tables, Tensor lens, Tensor keep) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(levante, CPU, m) { m.impl("decode_layers", &levante::decode_layers); }
+TORCH_LIBRARY_IMPL(levante, CPU, m) { m.impl("fused_step", &levante::fused_step); }

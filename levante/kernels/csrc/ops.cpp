@@ -1,5 +1,5 @@
 // The schemas of Levante's CPU operators (torch.ops.levante.*); each kernel file registers its
-// implementation (decode.cpp defines decode_layers beside the class its schema names).
+// implementation (decode.cpp defines fused_step beside the class its schema names).
 #include <torch/library.h>
 
 TORCH_LIBRARY(levante, m) {

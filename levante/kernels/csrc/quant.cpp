@@ -999,22 +999,7 @@ Weights weights_of(at::TensorList blocks, at::IntArrayRef types, int64_t K, int6
 }  // namespace
 
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
-  const int64_t K = in_features;
-  int64_t N;
-  const Weights w = weights_of(blocks, types, K, N);
-  TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
-  auto [rows, y, shape] = as_rows(x, K, N);
-  const int64_t M = rows.size(0);
-  if (M == 0) return y.view(shape);
-  if (x.scalar_type() == at::kBFloat16) {
-    const auto* xp = rows.data_ptr<c10::BFloat16>();
-    auto* yp = y.data_ptr<c10::BFloat16>();
-    qgemm(xp, rows.stride(0), w, yp, M, N, K);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "levante::quant_linear: float32 or bfloat16 only");
-    qgemm(rows.data_ptr<float>(), rows.stride(0), w, y.data_ptr<float>(), M, N, K);
-  }
-  return y.view(shape);
+  return QuantWeights(blocks, types, in_features).apply(x);
 }
 
 struct QuantWeights::Parts {
@@ -1029,6 +1014,29 @@ QuantWeights::QuantWeights(at::TensorList blocks, at::IntArrayRef types, int64_t
 QuantWeights::QuantWeights(QuantWeights&&) noexcept = default;
 QuantWeights::~QuantWeights() = default;
 int64_t QuantWeights::outputs() const { return parts_->N; }
+
+at::Tensor QuantWeights::apply(const at::Tensor& x) const {
+  const Weights& w = parts_->w;
+  const int64_t K = K_, N = parts_->N;
+  TORCH_CHECK(x.size(-1) == K, "levante::quant_linear: x has ", x.size(-1), " features, the weight ", K);
+  auto [rows, y, shape] = as_rows(x, K, N);
+  const int64_t M = rows.size(0);
+  if (M == 0) return y.view(shape);
+  if (x.scalar_type() == at::kBFloat16) {
+    qgemm(rows.data_ptr<c10::BFloat16>(), rows.stride(0), w, y.data_ptr<c10::BFloat16>(), M, N, K);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "levante::quant_linear: float32 or bfloat16 only");
+    qgemm(rows.data_ptr<float>(), rows.stride(0), w, y.data_ptr<float>(), M, N, K);
+  }
+  return y.view(shape);
+}
+
+template <typename T>
+void QuantWeights::dequantize(int64_t row, T* y) const {
+  parts_->w.dequantize(row, y, K_);
+}
+template void QuantWeights::dequantize(int64_t, float*) const;
+template void QuantWeights::dequantize(int64_t, c10::BFloat16*) const;
 int64_t QuantWeights::groups() const { return (parts_->N + kGroup - 1) / kGroup; }
 
 struct QuantThread::Buffers {

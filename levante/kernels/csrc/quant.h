@@ -18,6 +18,9 @@ class QuantWeights {
   QuantWeights(at::TensorList blocks, at::IntArrayRef types, int64_t in_features);
   QuantWeights(QuantWeights&&) noexcept;
   ~QuantWeights();
+  at::Tensor apply(const at::Tensor& x) const;  // quant_linear(x, these blocks)
+  template <typename T>
+  void dequantize(int64_t row, T* y) const;  // one row's weights, as kernels.dequantize decodes them
   int64_t outputs() const;
   int64_t groups() const;  // of 16 outputs: the units of work
 
