@@ -111,9 +111,9 @@ void rope(const at::Tensor& qkv, int64_t heads, int64_t d, const at::Tensor& tab
 
 // silu(gate) · up for columns [c0, c1) of one row: silu rounded to T, then the product. ATen's SiLU
 // kernel takes exp from its vectors over each row's first `head` columns (whole multiples of two
-// vectors of T) and std::exp over the rest; so here. c0 and c1 lie on multiples of kSiluColumns or
-// at the row's end, so a split of the row into such ranges gives the same bits. `e`: c1 − c0 floats.
-constexpr int64_t kSiluColumns = 64;  // a multiple of two vectors of any T at any width
+// vectors of T, so a multiple of 16) and std::exp over the rest; so here. c0 and c1 lie on multiples
+// of 16 or at the row's end, so a split of the row into such ranges gives the same bits. `e`: c1 − c0
+// floats.
 
 template <typename T>
 inline void silu_cols(const T* gate, const T* up, T* y, int64_t c0, int64_t c1, int64_t head, int lanes, float* e) {
@@ -317,7 +317,10 @@ at::Tensor layers(at::Tensor h, const ModelWeights<T>& model, const at::Tensor& 
 constexpr int64_t kStepRows = 16;
 
 // The phases of a layer that deal out work, in the order they run; the LM head's after the last.
-enum Phase { kQkv, kRope, kAttend, kO, kGateUp, kSilu, kDown, kPhases };
+// Gate_up's items are 16 columns of the gate with the same 16 of up, SiLU·mul applied to them by
+// the thread that computed them.
+enum Phase { kQkv, kRope, kAttend, kO, kGateUp, kDown, kPhases };
+constexpr int64_t kColumns = 16;  // of gate and of up, an item of kGateUp: a quantized group, NR-wide tiles
 
 template <typename T>
 struct ThreadState {
@@ -326,7 +329,7 @@ struct ThreadState {
   AttentionScratch attention;
   QuantThread quant;
   ThreadState(int64_t hidden, int64_t features, int64_t d, int64_t bs)
-      : h(kStepRows * hidden), x(kStepRows * hidden), k(d), e(kSiluColumns), attention(1, d, bs),
+      : h(kStepRows * hidden), x(kStepRows * hidden), k(d), e(kColumns), attention(1, d, bs),
         quant(kStepRows, features) {}
 };
 
@@ -370,6 +373,10 @@ class Step {
     TORCH_CHECK(hkv > 0 && hq % hkv == 0, "fused_step: ", hq, " heads do not share ", hkv, " KV heads");
     TORCH_CHECK(d % kLanes == 0, "paged_attention: head_dim must be a multiple of ", kLanes);
   }
+  // whether the model's shapes are ones `run` takes (else every step goes kernel by kernel)
+  static bool takes(const ModelWeights<T>& model) {
+    return model.in_step() && model.layers[0].gate_up.N / 2 % kColumns == 0;
+  }
 
   // float32 logits [keep, vocab] of the step's rows
   template <typename C>
@@ -386,8 +393,7 @@ class Step {
       case kRope: return t * (hq_ + hkv_);
       case kAttend: return t * hq_;
       case kO: return layer.o.items();
-      case kGateUp: return layer.gate_up.items();
-      case kSilu: return t * ((inter_ + kSiluColumns - 1) / kSiluColumns);
+      case kGateUp: return inter_ / kColumns;
       default: return layer.down.items();
     }
   }
@@ -444,15 +450,16 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
     auto dealt = [&](int64_t l, Phase phase, auto&& f) {
       take_shares(shares + (l * kPhases + phase) * threads, items(l, phase, t), threads, me, f);
     };
-    // y [m, N] = in [m, K]·wᵀ, dealt; then a barrier
+    // items [first, last) of y [m, N] = in [m, K]·wᵀ: quantized groups of 16 outputs, or NR-wide tiles
+    auto multiply = [&](const Projection<T>& p, const T* in, int64_t m, T* y, int64_t first, int64_t last) {
+      if (p.quant) return mine.quant.multiply(*p.quant, m, y, first, last);
+      gemm_tiles(in, p.K, p.weight.template data_ptr<T>(), y, m, p.N, p.K, first, last);
+    };
+    // y = in·wᵀ, dealt, `then` on each range of items as it is done; then a barrier
     auto project = [&](int64_t l, Phase phase, const Projection<T>& p, const T* in, int64_t m, T* y, auto&& then) {
       if (p.quant) mine.quant.quantize(in, p.K, m, p.K);  // every thread rounds x for itself
       dealt(l, phase, [&](int64_t first, int64_t last) {
-        if (p.quant) {
-          mine.quant.multiply(*p.quant, m, y, first, last);
-        } else {
-          gemm_tiles(in, p.K, p.weight.template data_ptr<T>(), y, m, p.N, p.K, first, last);
-        }
+        multiply(p, in, m, y, first, last);
         then(first, last);
       });
 #pragma omp barrier
@@ -498,13 +505,16 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
       residual(o);
       for (int64_t r = 0; r < t; ++r)
         norm_row(h + r * hidden, layer.post_norm.template data_ptr<T>(), x + r * hidden, hidden, eps_);
-      project(l, kGateUp, layer.gate_up, x, t, gu, nothing);
-      const int64_t spans = (inter + kSiluColumns - 1) / kSiluColumns;
-      dealt(l, kSilu, [&](int64_t first, int64_t last) {
-        for (int64_t task = first; task < last; ++task) {
-          const int64_t r = task / spans, c0 = task % spans * kSiluColumns;
-          silu_cols(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, c0,
-                    std::min(inter, c0 + kSiluColumns), head, lanes, mine.e.data());
+      const Projection<T>& gate_up = layer.gate_up;
+      if (gate_up.quant) mine.quant.quantize(x, hidden, t, hidden);
+      const int64_t per = kColumns / (gate_up.quant ? kColumns : NR);  // items of `multiply` in one of ours
+      dealt(l, kGateUp, [&](int64_t first, int64_t last) {
+        for (int64_t i = first; i < last; ++i) {
+          multiply(gate_up, x, t, gu, i * per, (i + 1) * per);
+          multiply(gate_up, x, t, gu, (inter / kColumns + i) * per, (inter / kColumns + i + 1) * per);
+          for (int64_t r = 0; r < t; ++r)
+            silu_cols(gu + r * 2 * inter, gu + r * 2 * inter + inter, act + r * inter, i * kColumns,
+                      (i + 1) * kColumns, head, lanes, mine.e.data());
         }
       });
 #pragma omp barrier
@@ -553,7 +563,7 @@ class FusedPlan : public torch::CustomClassHolder {
     }
     with_dtype([&](auto& model) {
       using T = typename std::remove_reference_t<decltype(model)>::Scalar;
-      if (model.in_step()) step_.template emplace<Step<T>>(model, heads, kv_heads, d, block_size, eps);
+      if (Step<T>::takes(model)) step_.template emplace<Step<T>>(model, heads, kv_heads, d, block_size, eps);
       return 0;
     });
   }
