@@ -108,17 +108,21 @@ def bandwidth(device: torch.device) -> float:
     """Bytes per second a plain read of 1 GiB reaches here (a max over float32 values), best of six.
     The values are written first: a tensor never touched reads the kernel's one zero page, from
     the caches, at several times the memory's rate."""
-    x = torch.rand(1 << 28, device=device)
+    return read_rate(torch.rand(1 << 28, device=device))
+
+
+def read_rate(x: torch.Tensor, repeats: int = 6) -> float:
+    """Bytes per second of `x.amax()`, the best of `repeats`."""
     best = float("inf")
-    for _ in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    for _ in range(repeats):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
         start = time.perf_counter()
         x.amax()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
         best = min(best, time.perf_counter() - start)
-    return 4 * x.numel() / best
+    return x.numel() * x.element_size() / best
 
 
 def decode(engine: Engine, streams: int, tokens: int, vocab: int) -> float:

@@ -184,7 +184,8 @@ def test_served_answers_are_the_same_bits_one_at_a_time_and_all_at_once(demo: Se
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("features", [576, 100, 5120])
 def test_linear_kernel_rows_are_the_same_bits_in_any_batch(dtype: torch.dtype, features: int) -> None:
-    """Row r of x·wᵀ alone, at any batch size and at any place in the batch (a shuffle)."""
+    """Row r of x·wᵀ alone, at any batch size and at any place in the batch (a shuffle), and the
+    same bits from the weight packed as the engine packs it."""
     assert kernels.load()
     gen = torch.Generator().manual_seed(features)
     w = (torch.randn(333, features, generator=gen) * 0.05).to(dtype)
@@ -194,6 +195,10 @@ def test_linear_kernel_rows_are_the_same_bits_in_any_batch(dtype: torch.dtype, f
         assert torch.equal(kernels.linear(x[:m], w), full[:m]), m
     order = torch.randperm(300, generator=gen)
     assert torch.equal(kernels.linear(x[order], w), full[order])
+    packed = kernels.pack(w)  # 333 rows and 100 features: padded past both in the packed layout
+    assert packed.dim() in (4, 5)  # four rows interleaved, or AMX tiles
+    for m in (1, 5, 300):
+        assert torch.equal(kernels.linear(x[:m], packed, 333), full[:m]), m
     exact = x.double() @ w.double().T
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(full.double(), exact, atol=tol * features**0.5, rtol=tol)

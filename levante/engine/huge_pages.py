@@ -79,6 +79,13 @@ class Arena:
         return copy
 
 
+def huge_page_copy(t: torch.Tensor) -> torch.Tensor | None:
+    """A copy of contiguous `t` in memory advised for 2 MiB pages, as `use_huge_pages` places
+    weights (a benchmark's read of the memory the weights live in); None where it cannot be."""
+    advise = _madvise()
+    return None if advise is None else Arena(advise).place(t)
+
+
 def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The module's own parameters, buffers and plain tensor attributes (a kernel's packed weight)."""
     yield from module.named_parameters(recurse=False)

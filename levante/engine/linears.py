@@ -21,8 +21,9 @@ from levante.model.quantized import QuantLinear
 
 
 class KernelLinear(nn.Module):
-    """A bias-free Linear computed by `kernels.linear`, over its weight packed once where that pays
-    (AMX tiles), else over the same weight tensor (a tied LM head keeps sharing the embedding's)."""
+    """A bias-free Linear computed by `kernels.linear`, over its weight packed once (`kernels.pack`:
+    a copy, so a tied LM head no longer shares the embedding's table: the price of reading it as
+    one stream)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from levante.engine.attention import BatchLayout, CpuPagedAttention, paged_attention
@@ -145,4 +146,5 @@ class Runner:
         return self.model.logits(hidden[keep])
 
     def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        # through numpy: half torch.tensor's time on a list, eight times a step
+        return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(self.device)

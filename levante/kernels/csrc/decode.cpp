@@ -192,7 +192,7 @@ struct Reader {
 // kernels.quant_linear check their arguments.
 template <typename T>
 struct Projection {
-  at::Tensor weight;  // dense [N, K], or packed for AMX tiles (then only `apply` takes it)
+  at::Tensor weight;  // dense [N, K], packed by pack_linear: rows interleaved, or AMX tiles (then only `apply` takes it)
   std::optional<QuantWeights> quant;
   int64_t N = 0, K = 0;
 
@@ -202,10 +202,13 @@ struct Projection {
     if (parts == 0) {
       weight = read.next().alias();  // a later `.data =` on the module's tensor leaves this one be
       K = K < 0 && weight.dim() == 2 ? weight.size(1) : K, N = size;
-      TORCH_CHECK(weight.dim() == 5 || (weight.dim() == 2 && weight.is_contiguous() &&
-                                        weight.scalar_type() == c10::CppTypeToScalarType<T>::value &&
-                                        weight.size(0) == size && weight.size(1) == K),
-                  "fused_step: the ", name, " weight must be dense [", size, ", ", K, "] of the model's dtype");
+      constexpr int64_t step = Dot<T>::step;
+      const bool rows = weight.dim() == 2 && weight.size(0) == size && weight.size(1) == K;
+      const bool packed = weight.dim() == 4 && weight.size(0) == gemm_tile_count(size) &&
+                          weight.size(1) == (K + step - 1) / step && weight.size(2) == NR && weight.size(3) == step;
+      TORCH_CHECK(weight.dim() == 5 || ((rows || packed) && weight.is_contiguous() &&
+                                        weight.scalar_type() == c10::CppTypeToScalarType<T>::value),
+                  "fused_step: the ", name, " weight must be dense [", size, ", ", K, "] (or packed) of the model's dtype");
     } else {
       TORCH_CHECK(K < 0 || size == K, "fused_step: the ", name, " projection takes ", size, " features, not ", K);
       TORCH_CHECK(read.s + parts <= read.spec.size() && read.w + parts <= read.weights.size(),
@@ -218,7 +221,7 @@ struct Projection {
     TORCH_CHECK(N_ < 0 || N == N_, "fused_step: the ", name, " projection has ", N, " outputs, not ", N_);
   }
 
-  bool in_step() const { return quant || weight.dim() == 2; }  // not packed for AMX
+  bool in_step() const { return quant || weight.dim() != 5; }  // not packed for AMX
   int64_t items() const { return quant ? quant->groups() : gemm_tile_count(N); }
   at::Tensor apply(const at::Tensor& x) const { return quant ? quant->apply(x) : linear(x, weight, N); }
   void row(int64_t i, T* y) const {  // row i of an embedding
@@ -266,7 +269,7 @@ struct ModelWeights {
 
   ModelWeights(Reader& read, int64_t count, int64_t hq, int64_t hkv, int64_t d)
       : embed(read, -1, -1, "embedding") {
-    TORCH_CHECK(embed.in_step() && embed.weight.dim() != 5, "fused_step: the embedding must be dense or GGUF rows");
+    TORCH_CHECK(embed.quant || embed.weight.dim() == 2, "fused_step: the embedding must be dense or GGUF rows");
     TORCH_CHECK(count > 0, "fused_step: no layers");
     const int64_t hidden = embed.K;
     layers.reserve(count);
@@ -453,7 +456,8 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
     // items [first, last) of y [m, N] = in [m, K]·wᵀ: quantized groups of 16 outputs, or NR-wide tiles
     auto multiply = [&](const Projection<T>& p, const T* in, int64_t m, T* y, int64_t first, int64_t last) {
       if (p.quant) return mine.quant.multiply(*p.quant, m, y, first, last);
-      gemm_tiles(in, p.K, p.weight.template data_ptr<T>(), y, m, p.N, p.K, first, last);
+      gemm_tiles(in, p.K, p.weight.template data_ptr<T>(), layout<T>(p.weight.dim() == 4, p.K), y, m, p.N, p.K,
+                 first, last);
     };
     // y = in·wᵀ, dealt, `then` on each range of items as it is done; then a barrier
     auto project = [&](int64_t l, Phase phase, const Projection<T>& p, const T* in, int64_t m, T* y, auto&& then) {
@@ -568,6 +572,9 @@ class FusedPlan : public torch::CustomClassHolder {
     });
   }
 
+  // whether a decode step runs in one parallel region (else kernel by kernel, as a prefill chunk)
+  bool one_region() const { return step_.index() != 0; }
+
   at::Tensor run(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& k_cache,
                  const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& rows, const at::Tensor& seqs,
                  const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& keep) {
@@ -622,7 +629,8 @@ TORCH_LIBRARY_FRAGMENT(levante, m) {
   m.def("decode_supported() -> bool", &levante::decode_supported);
   m.class_<levante::FusedPlan>("FusedPlan")
       .def(torch::init<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t,
-                       double>());
+                       double>())
+      .def("one_region", &levante::FusedPlan::one_region);
   m.def(
       "fused_step(__torch__.torch.classes.levante.FusedPlan plan, Tensor ids, Tensor positions, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slots, Tensor rows, Tensor seqs, Tensor tables, Tensor lens, Tensor keep) -> Tensor");

@@ -39,15 +39,29 @@ bool amx_available() {
 namespace {
 
 template <typename T>
-void gemm(const T* x, int64_t ldx, const T* w, T* y, int64_t M, int64_t N, int64_t K) {
-  balanced_for(gemm_tile_count(N), [&](int64_t first, int64_t last) { gemm_tiles(x, ldx, w, y, M, N, K, first, last); });
+void gemm(const T* x, int64_t ldx, const T* w, Layout at, T* y, int64_t M, int64_t N, int64_t K) {
+  balanced_for(gemm_tile_count(N), [&](int64_t first, int64_t last) { gemm_tiles(x, ldx, w, at, y, M, N, K, first, last); });
+}
+
+// [N, K] → [ceil(N/NR), ceil(K/step), NR, step] (gemm.h's packed Layout), zeros past N and K: each
+// tile's rows interleaved a step of Dot<T> at a time, in the order `tile` reads them.
+template <typename T>
+at::Tensor pack_rows(const at::Tensor& w) {
+  constexpr int64_t step = Dot<T>::step;
+  const int64_t N = w.size(0), K = w.size(1), tiles = gemm_tile_count(N), steps = (K + step - 1) / step;
+  at::Tensor out = at::zeros({tiles, steps, NR, step}, w.options());
+  const T* src = w.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, tiles, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t)
+      for (int64_t j = 0; j < NR && t * NR + j < N; ++j)
+        for (int64_t k = 0; k < K; ++k) dst[((t * steps + k / step) * NR + j) * step + k % step] = src[(t * NR + j) * K + k];
+  });
+  return out;
 }
 
 // [N, K] → [ceil(N/32), ceil(K/32), 2, 16, 32]: amx_pack_block per block of 32 outputs.
-at::Tensor pack_linear(const at::Tensor& weight) {
-  TORCH_CHECK(amx_available() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2,
-              "levante::pack_linear: bfloat16 [N, K] weights on a CPU with AMX only");
-  const at::Tensor w = weight.contiguous();
+at::Tensor pack_amx(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1), nb = (N + kBlockN - 1) / kBlockN, kb = (K + kTileK - 1) / kTileK;
   const int64_t kpad = kb * kTileK;
   at::Tensor out = at::empty({nb, kb, 2, kTile, kTileK}, w.options());
@@ -63,6 +77,16 @@ at::Tensor pack_linear(const at::Tensor& weight) {
     }
   });
   return out;
+}
+
+// The weight in the layout `linear` reads fastest: AMX tiles for bfloat16 on a CPU with AMX, else
+// each tile's rows interleaved (pack_rows).
+at::Tensor pack_linear(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "levante::pack_linear: the weight must be [N, K]");
+  const at::Tensor w = weight.contiguous();
+  if (w.scalar_type() == at::kBFloat16) return amx_available() ? pack_amx(w) : pack_rows<c10::BFloat16>(w);
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "levante::pack_linear: float32 or bfloat16 only");
+  return pack_rows<float>(w);
 }
 
 #ifdef LEVANTE_AMX
@@ -84,11 +108,16 @@ void gemm_amx(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* packed, 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t out_features) {
   TORCH_CHECK(weight.is_contiguous(), "levante::linear: weight must be dense");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "levante::linear: x and weight dtypes differ");
-  const bool tiles = weight.dim() == 5;  // packed by pack_linear
-  TORCH_CHECK(tiles || weight.dim() == 2, "levante::linear: weight must be [N, K] or packed");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "levante::linear: float32 or bfloat16 only");
+  const bool tiles = weight.dim() == 5, packed = weight.dim() == 4;  // by pack_linear: AMX tiles, rows interleaved
+  TORCH_CHECK(tiles || packed || weight.dim() == 2, "levante::linear: weight must be [N, K] or packed");
   const int64_t K = x.size(-1), N = out_features;
-  TORCH_CHECK(tiles ? weight.size(1) == (K + kTileK - 1) / kTileK && weight.size(0) * kBlockN >= N
-                    : weight.size(0) == N && weight.size(1) == K,
+  const int64_t step = x.scalar_type() == at::kBFloat16 ? Dot<c10::BFloat16>::step : Dot<float>::step;
+  TORCH_CHECK(tiles    ? weight.size(1) == (K + kTileK - 1) / kTileK && weight.size(0) * kBlockN >= N
+              : packed ? weight.size(0) == gemm_tile_count(N) && weight.size(1) == (K + step - 1) / step &&
+                             weight.size(2) == NR && weight.size(3) == step
+                       : weight.size(0) == N && weight.size(1) == K,
               "levante::linear: x has ", K, " features; the weight does not match it and ", N, " outputs");
   auto [rows, y, shape] = as_rows(x, K, N);
   const int64_t M = rows.size(0);
@@ -102,10 +131,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, int64_t out_fea
   } else if (M > 0) {
     if (x.scalar_type() == at::kBFloat16) {
       gemm(rows.data_ptr<c10::BFloat16>(), rows.stride(0), weight.data_ptr<c10::BFloat16>(),
-           y.data_ptr<c10::BFloat16>(), M, N, K);
+           layout<c10::BFloat16>(packed, K), y.data_ptr<c10::BFloat16>(), M, N, K);
     } else {
-      TORCH_CHECK(x.scalar_type() == at::kFloat, "levante::linear: float32 or bfloat16 only");
-      gemm(rows.data_ptr<float>(), rows.stride(0), weight.data_ptr<float>(), y.data_ptr<float>(), M, N, K);
+      gemm(rows.data_ptr<float>(), rows.stride(0), weight.data_ptr<float>(), layout<float>(packed, K),
+           y.data_ptr<float>(), M, N, K);
     }
   }
   return y.view(shape);
