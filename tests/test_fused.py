@@ -114,11 +114,14 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
             attn.num_kv_heads, eps,
         )  # fmt: skip
 
-    def call(rows: int = 1, position: int = 0, slot: int = 0, token: int = 0, kept: int = 0) -> torch.Tensor:
+    def call(
+        rows: int = 1, position: int = 0, slot: int = 0, token: int = 0, kept: int = 0, length: int = 1,
+        block: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
         ids = torch.zeros(rows, dtype=torch.long)
         return torch.ops.levante.fused_step(
             plan(weights, spec), ids + token, ids + position, store.k, store.v, ids + slot,
-            torch.arange(rows), ids, ids[:1].view(1, 1), ids + 1, torch.tensor([kept]),  # rows .. keep
+            torch.arange(rows), ids, torch.tensor([[block]]), ids + length, torch.tensor([kept]),
         )  # fmt: skip
 
     assert call().shape == (1, vocab)
@@ -140,6 +143,10 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
         call(token=vocab)
     with pytest.raises(RuntimeError, match="fused_step: kept row 1 is not one of the 1 rows"):
         call(kept=1)
+    with pytest.raises(RuntimeError, match="fused_step: a context of 0 tokens does not fit"):
+        call(length=0)
+    with pytest.raises(RuntimeError, match="fused_step: block -1 is not in the cache"):
+        call(block=-1)
 
 
 def _anon_huge_kib(address: int) -> int:

@@ -1,11 +1,13 @@
-// Every decoder layer of a step whose rows are all paged (each decode step; in batch-invariant mode
-// each text step) in one call: the kernels the eager model calls one operator at a time (rms_norm,
-// linear or quant_linear, write_kv, paged_attention), called here in the same order on the same
-// tensors, and the elementwise work between them (rotary, SiLU·mul, residual adds) done as ATen
-// does it for eager: each product, quotient and sum in float32, rounded to the model's dtype where
-// an eager operator hands back a tensor, and SiLU's exp from the same function ATen's kernel calls
-// for the same element. So the same bits as the eager step, without a few hundred operator calls
-// from Python (or from a compiled graph's wrapper) per token.
+// The whole model for a step whose rows are all paged (each decode step; in batch-invariant mode
+// each text step) in one call, from token ids to float32 logits: the kernels the eager model calls
+// one operator at a time (embedding rows, rms_norm, linear or quant_linear, write_kv,
+// paged_attention, the LM head) on the same values in the same order, and the elementwise work
+// between them (rotary, SiLU·mul, residual adds) done as ATen does it for eager: each product,
+// quotient and sum in float32, rounded to the model's dtype where an eager operator hands back a
+// tensor, and SiLU's exp from the same function ATen's kernel calls for the same element. So the
+// same bits as the eager step, without a few hundred operator calls from Python (or from a
+// compiled graph's wrapper) per token; a decode step without a fork and join per kernel either
+// (see Step).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -340,7 +342,7 @@ struct ThreadState {
 void check_step(const at::Tensor& ids, const at::Tensor& rope_table, const at::Tensor& positions,
                 const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& rows,
                 const at::Tensor& seqs, const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& keep,
-                int64_t count, int64_t hkv, int64_t vocab) {
+                int64_t count, int64_t hkv, int64_t vocab, int64_t block_size) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.scalar_type() == v_cache.scalar_type() && k_cache.dim() == 4 && k_cache.size(0) >= count &&
                   k_cache.size(1) == hkv && k_cache.size(3) == rope_table.size(3),
@@ -361,6 +363,19 @@ void check_step(const at::Tensor& ids, const at::Tensor& rope_table, const at::T
   const int64_t* kept = keep.data_ptr<int64_t>();
   for (int64_t i = 0; i < keep.numel(); ++i)
     TORCH_CHECK(kept[i] >= 0 && kept[i] < t, "fused_step: kept row ", kept[i], " is not one of the ", t, " rows");
+  // what attention reads: each row's sequence, its context's blocks of the cache
+  TORCH_CHECK(tables.dim() == 2 && seqs.size(0) == t && lens.size(0) == t, "fused_step: one sequence and length per row");
+  const int64_t *row = rows.data_ptr<int64_t>(), *seq = seqs.data_ptr<int64_t>(), *len = lens.data_ptr<int64_t>();
+  const int64_t *table = tables.data_ptr<int64_t>(), width = tables.size(1), blocks = k_cache.size(2) / block_size;
+  for (int64_t b = 0; b < t; ++b) {
+    TORCH_CHECK(row[b] >= 0 && row[b] < t, "fused_step: paged row ", row[b], " is not one of the ", t, " rows");
+    TORCH_CHECK(seq[b] >= 0 && seq[b] < tables.size(0), "fused_step: sequence ", seq[b], " has no block table");
+    TORCH_CHECK(len[b] > 0 && len[b] <= width * block_size, "fused_step: a context of ", len[b],
+                " tokens does not fit its block table");
+    for (int64_t k = 0; k * block_size < len[b]; ++k)
+      TORCH_CHECK(table[seq[b] * width + k] >= 0 && table[seq[b] * width + k] < blocks, "fused_step: block ",
+                  table[seq[b] * width + k], " is not in the cache");
+  }
 }
 
 // A model's weights ready for decode steps, with buffers for up to kStepRows − 1 rows allocated
@@ -582,7 +597,7 @@ class FusedPlan : public torch::CustomClassHolder {
     return with_dtype([&](auto& model) {
       using T = typename std::remove_reference_t<decltype(model)>::Scalar;
       check_step(ids, rope_, positions, k_cache, v_cache, slots, rows, seqs, tables, lens, keep,
-                 model.layers.size(), hkv_, model.embed.N);
+                 model.layers.size(), hkv_, model.embed.N, block_size_);
       const int64_t t = ids.size(0);
       if (auto* step = std::get_if<Step<T>>(&step_); step && t > 0 && t < kStepRows) {
         switch (k_cache.scalar_type()) {
