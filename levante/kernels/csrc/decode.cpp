@@ -195,6 +195,7 @@ struct Reader {
 template <typename T>
 struct Projection {
   at::Tensor weight;  // dense [N, K], packed by pack_linear: rows interleaved, or AMX tiles (then only `apply` takes it)
+  std::vector<at::Tensor> blocks;  // or GGUF blocks, read by `quant`
   std::optional<QuantWeights> quant;
   int64_t N = 0, K = 0;
 
@@ -202,7 +203,7 @@ struct Projection {
   Projection(Reader& read, int64_t K_, int64_t N_, const char* name) : K(K_) {
     const int64_t parts = read.value(), size = read.value();
     if (parts == 0) {
-      weight = read.next().alias();  // a later `.data =` on the module's tensor leaves this one be
+      weight = read.next().alias();  // a later `.data =` on the module's tensor leaves these be
       K = K < 0 && weight.dim() == 2 ? weight.size(1) : K, N = size;
       constexpr int64_t step = Dot<T>::step;
       const bool rows = weight.dim() == 2 && weight.size(0) == size && weight.size(1) == K;
@@ -216,7 +217,8 @@ struct Projection {
       TORCH_CHECK(read.s + parts <= read.spec.size() && read.w + parts <= read.weights.size(),
                   "fused_step: the ", name, " weights end early");
       K = size;
-      quant.emplace(read.weights.slice(read.w, parts), read.spec.slice(read.s, parts), K);
+      for (const at::Tensor& b : read.weights.slice(read.w, parts)) blocks.push_back(b.alias());
+      quant.emplace(blocks, read.spec.slice(read.s, parts), K);
       read.s += parts, read.w += parts;
       N = quant->outputs();
     }

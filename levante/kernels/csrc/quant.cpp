@@ -996,11 +996,11 @@ Weights weights_of(at::TensorList blocks, at::IntArrayRef types, int64_t K, int6
   return w;
 }
 
-}  // namespace
-
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features) {
   return QuantWeights(blocks, types, in_features).apply(x);
 }
+
+}  // namespace
 
 struct QuantWeights::Parts {
   Weights w;

@@ -1,7 +1,8 @@
-// What quant.cpp (its own translation unit, built beside the others) offers decode.cpp: quant_linear
-// for a call's projection, and its pieces for a step that runs every projection in one parallel
-// region (QuantWeights checked once, x rounded by each thread into its own QuantThread, output
-// groups taken by whichever thread comes): the same code per group as quant_linear, so the same bits.
+// What quant.cpp (its own translation unit, built beside the others) offers decode.cpp: a
+// projection's GGUF blocks checked once (QuantWeights, whose `apply` is quant_linear), and for a
+// step that runs every projection in one parallel region, x rounded by each thread into its own
+// QuantThread and output groups taken by whichever thread comes: the same code per group as
+// quant_linear, so the same bits.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,8 +10,6 @@
 #include <memory>
 
 namespace levante {
-
-at::Tensor quant_linear(const at::Tensor& x, at::TensorList blocks, at::IntArrayRef types, int64_t in_features);
 
 // One projection's GGUF blocks (as quant_linear takes them), checked and located.
 class QuantWeights {
