@@ -108,17 +108,18 @@ def main() -> None:
         timed(engine, ids[:16], 4)  # warm-up
         prefill = args.prompt_len / timed(engine, ids[: args.prompt_len], 1)
         read = read_per_token(engine)
-        runs = []  # (tok/s, plain read, huge-page read), each read just before its run
+        toks, reads = [], {"plain": [], "huge": []}  # each read just before its run
         for _ in range(args.repeats):
-            rates = read_rate(plain), read_rate(huge) if huge is not None else math.nan
-            runs.append((args.decode_tokens / timed(engine, ids[:8], args.decode_tokens), *rates))
-        decode = max(tok for tok, _, _ in runs)
-        shares = [statistics.median(read * tok / run[i] for tok, *run in runs) for i in (0, 1)]
-        plain_rate, huge_rate = (statistics.median(run[i] for run in runs) for i in (1, 2))
+            reads["plain"].append(read_rate(plain))
+            reads["huge"].append(read_rate(huge) if huge is not None else math.nan)
+            toks.append(args.decode_tokens / timed(engine, ids[:8], args.decode_tokens))
+        cells = []
+        for rates in reads.values():
+            share = statistics.median(read * tok / rate for tok, rate in zip(toks, rates, strict=True))
+            cells.append(f"{statistics.median(rates) / 1e9:.1f} GB/s | {share:.0%}")
         print(
-            f"| {name:26} | {mb:.0f} | {ppl:.4f} | {prefill:.0f} | {decode:.1f} | {read / 1e6:.0f} "
-            f"| {plain_rate / 1e9:.1f} GB/s | {shares[0]:.0%} "
-            f"| {huge_rate / 1e9:.1f} GB/s | {shares[1]:.0%} |",
+            f"| {name:26} | {mb:.0f} | {ppl:.4f} | {prefill:.0f} | {max(toks):.1f} | {read / 1e6:.0f} "
+            f"| {' | '.join(cells)} |",
             flush=True,
         )
 

@@ -116,12 +116,13 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
 
     def call(
         rows: int = 1, position: int = 0, slot: int = 0, token: int = 0, kept: int = 0, length: int = 1,
-        block: int = 0,
+        block: int = 0, paged: int = 0, seq: int = 0, tokens: torch.dtype = torch.long,
     ) -> torch.Tensor:  # fmt: skip
         ids = torch.zeros(rows, dtype=torch.long)
         return torch.ops.levante.fused_step(
-            plan(weights, spec), ids + token, ids + position, store.k, store.v, ids + slot,
-            torch.arange(rows), ids, torch.tensor([[block]]), ids + length, torch.tensor([kept]),
+            plan(weights, spec), (ids + token).to(tokens), ids + position, store.k, store.v,
+            ids + slot, torch.arange(rows) + paged, ids + seq, torch.tensor([[block]]), ids + length,
+            torch.tensor([kept]),
         )  # fmt: skip
 
     assert call().shape == (1, vocab)
@@ -147,6 +148,12 @@ def test_the_kernel_refuses_weights_that_do_not_match_the_spec(tiny_mistral: Pat
         call(length=0)
     with pytest.raises(RuntimeError, match="fused_step: block -1 is not in the cache"):
         call(block=-1)
+    with pytest.raises(RuntimeError, match="fused_step: paged row 1 is not one of the 1 rows"):
+        call(paged=1)
+    with pytest.raises(RuntimeError, match="fused_step: sequence 1 has no block table"):
+        call(seq=1)
+    with pytest.raises(RuntimeError, match=r"fused_step: ids, positions, .* must be dense int64"):
+        call(tokens=torch.int32)
 
 
 def _anon_huge_kib(address: int) -> int:

@@ -153,19 +153,21 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return out;
 }
 
-// h + delta, rounded: the residual add.
+// y = a + b over elements [first, last), rounded: the residual add (y may be a).
+template <typename T>
+inline void add_range(const T* a, const T* b, T* y, int64_t first, int64_t last) {
+  for (int64_t i = first; i < last; i += kLanes) {
+    const int64_t m = std::min(kLanes, last - i);
+    vstore_n(y + i, vadd(vload_n(a + i, m), vload_n(b + i, m)), m);
+  }
+}
+
 template <typename T>
 at::Tensor add(const at::Tensor& h, const at::Tensor& delta) {
   at::Tensor out = at::empty_like(h);
   const int64_t n = h.numel();
-  const T* a = h.data_ptr<T>();
-  const T* b = delta.data_ptr<T>();
-  T* y = out.data_ptr<T>();
   at::parallel_for(0, (n + kLanes - 1) / kLanes, 16384 / kLanes, [&](int64_t first, int64_t last) {
-    for (int64_t i = first * kLanes; i < std::min(n, last * kLanes); i += kLanes) {
-      const int64_t m = std::min(kLanes, n - i);
-      vstore_n(y + i, vadd(vload_n(a + i, m), vload_n(b + i, m)), m);
-    }
+    add_range(h.data_ptr<T>(), delta.data_ptr<T>(), out.data_ptr<T>(), first * kLanes, std::min(n, last * kLanes));
   });
   return out;
 }
@@ -226,7 +228,9 @@ struct Projection {
   }
 
   bool in_step() const { return quant || weight.dim() != 5; }  // not packed for AMX
-  int64_t items() const { return quant ? quant->groups() : gemm_tile_count(N); }
+  // the units a step deals out: quantized groups of 16 outputs, or NR-wide tiles
+  int64_t per_item() const { return quant ? 16 : NR; }
+  int64_t items() const { return (N + per_item() - 1) / per_item(); }
   at::Tensor apply(const at::Tensor& x) const { return quant ? quant->apply(x) : linear(x, weight, N); }
   void row(int64_t i, T* y) const {  // row i of an embedding
     if (quant) return quant->dequantize(i, y);
@@ -470,7 +474,7 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
     auto dealt = [&](int64_t l, Phase phase, auto&& f) {
       take_shares(shares + (l * kPhases + phase) * threads, items(l, phase, t), threads, me, f);
     };
-    // items [first, last) of y [m, N] = in [m, K]·wᵀ: quantized groups of 16 outputs, or NR-wide tiles
+    // items [first, last) of y [m, N] = in [m, K]·wᵀ (Projection::per_item outputs each)
     auto multiply = [&](const Projection<T>& p, const T* in, int64_t m, T* y, int64_t first, int64_t last) {
       if (p.quant) return mine.quant.multiply(*p.quant, m, y, first, last);
       gemm_tiles(in, p.K, p.weight.template data_ptr<T>(), layout<T>(p.weight.dim() == 4, p.K), y, m, p.N, p.K,
@@ -486,12 +490,7 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
 #pragma omp barrier
     };
     auto nothing = [](int64_t, int64_t) {};
-    auto residual = [&](const T* delta) {
-      for (int64_t i = 0; i < t * hidden; i += kLanes) {
-        const int64_t m = std::min(kLanes, t * hidden - i);
-        vstore_n(h + i, vadd(vload_n(h + i, m), vload_n(delta + i, m)), m);
-      }
-    };
+    auto residual = [&](const T* delta) { add_range(h, delta, h, 0, t * hidden); };
 
     for (int64_t r = 0; r < t; ++r) model_.embed.row(id[r], h + r * hidden);
     for (int64_t l = 0; l < count; ++l) {
@@ -528,7 +527,7 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
         norm_row(h + r * hidden, layer.post_norm.template data_ptr<T>(), x + r * hidden, hidden, eps_);
       const Projection<T>& gate_up = layer.gate_up;
       if (gate_up.quant) mine.quant.quantize(x, hidden, t, hidden);
-      const int64_t per = kColumns / (gate_up.quant ? kColumns : NR);  // items of `multiply` in one of ours
+      const int64_t per = kColumns / gate_up.per_item();  // items of `multiply` in one of ours
       dealt(l, kGateUp, [&](int64_t first, int64_t last) {
         for (int64_t i = first; i < last; ++i) {
           multiply(gate_up, x, t, gu, i * per, (i + 1) * per);
@@ -546,9 +545,8 @@ at::Tensor Step<T>::run(const at::Tensor& ids, const at::Tensor& rope_table, con
     for (int64_t i = 0; i < kept; ++i)
       norm_row(h + kept_rows[i] * hidden, model_.norm.template data_ptr<T>(), x + i * hidden, hidden, eps_);
     const Projection<T>& lm = *model_.head;
-    const int64_t per = lm.quant ? 16 : NR;  // outputs an item covers
     project(count, kQkv, lm, x, kept, logits, [&](int64_t first, int64_t last) {
-      const int64_t n0 = first * per, n1 = std::min(vocab_, last * per);
+      const int64_t n0 = first * lm.per_item(), n1 = std::min(vocab_, last * lm.per_item());
       for (int64_t i = 0; i < kept; ++i)
         for (int64_t n = n0; n < n1; ++n) logits_out[i * vocab_ + n] = static_cast<float>(logits[i * vocab_ + n]);
     });
